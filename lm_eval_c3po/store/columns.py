@@ -1,0 +1,221 @@
+"""The columnar form of a batch of records: what a shard file holds and a store keeps in memory.
+
+Variable-length token ids are stored flat with offsets (CSR style), so every
+column is one plain numeric array that safetensors can hold without pickle.
+Choices are two-level: ``doc_choice_offsets`` [n+1] index into the choice
+list, ``choice_offsets`` [m+1] index into ``choice_ids``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lm_eval_c3po.store.record import Record
+
+TENSOR_DTYPES: dict[str, type] = {
+    "routing": np.float32,
+    "embeddings": np.float32,
+    "context_ids": np.int64,
+    "context_offsets": np.int64,
+    "choice_ids": np.int64,
+    "choice_offsets": np.int64,
+    "doc_choice_offsets": np.int64,
+    "gold": np.int64,
+    "correct": np.bool_,
+    "correct_norm": np.bool_,
+}
+
+# Stored embeddings must be unit-norm (inner product == cosine); float32 rounding stays far below this.
+NORM_TOLERANCE = 1e-3
+
+
+def _offsets(lengths: Sequence[int]) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+@dataclass
+class Columns:
+    """Column arrays for n records plus their texts (dicts: id, task, doc_id, question, choices)."""
+
+    routing: np.ndarray
+    embeddings: np.ndarray
+    context_ids: np.ndarray
+    context_offsets: np.ndarray
+    choice_ids: np.ndarray
+    choice_offsets: np.ndarray
+    doc_choice_offsets: np.ndarray
+    gold: np.ndarray
+    correct: np.ndarray
+    correct_norm: np.ndarray
+    texts: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.gold)
+
+    @classmethod
+    def empty(cls, num_layers: int, num_experts: int, dim: int) -> Columns:
+        return cls.from_records([], num_layers, num_experts, dim)
+
+    @classmethod
+    def from_records(cls, records: Sequence[Record], num_layers: int, num_experts: int, dim: int) -> Columns:
+        choices = [c for r in records for c in r.choice_ids]
+        return cls(
+            routing=np.stack([r.routing for r in records]) if records else np.zeros((0, num_layers, num_experts), np.float32),
+            embeddings=np.stack([r.embedding for r in records]) if records else np.zeros((0, dim), np.float32),
+            context_ids=np.concatenate([r.context_ids for r in records]) if records else np.zeros(0, np.int64),
+            context_offsets=_offsets([len(r.context_ids) for r in records]),
+            choice_ids=np.concatenate(choices) if choices else np.zeros(0, np.int64),
+            choice_offsets=_offsets([len(c) for c in choices]),
+            doc_choice_offsets=_offsets([len(r.choice_ids) for r in records]),
+            gold=np.array([r.gold for r in records], dtype=np.int64),
+            correct=np.array([r.correct for r in records], dtype=np.bool_),
+            correct_norm=np.array([r.correct_norm for r in records], dtype=np.bool_),
+            texts=[
+                {"id": r.id, "task": r.task, "doc_id": r.doc_id, "question": r.question, "choices": list(r.choices)}
+                for r in records
+            ],
+        )
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The numeric columns, contiguous and in their storage dtypes (for safetensors)."""
+        return {name: np.ascontiguousarray(getattr(self, name), dtype=dt) for name, dt in TENSOR_DTYPES.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray], texts: list[dict[str, Any]]) -> Columns:
+        missing = sorted(set(TENSOR_DTYPES) - set(tensors))
+        if missing:
+            raise ValueError(f"missing tensors {missing}")
+        return cls(**{name: tensors[name] for name in TENSOR_DTYPES}, texts=texts)
+
+    def context(self, i: int) -> np.ndarray:
+        return self.context_ids[self.context_offsets[i] : self.context_offsets[i + 1]]
+
+    def choices(self, i: int) -> list[np.ndarray]:
+        lo, hi = self.doc_choice_offsets[i], self.doc_choice_offsets[i + 1]
+        return [self.choice_ids[self.choice_offsets[j] : self.choice_offsets[j + 1]] for j in range(lo, hi)]
+
+    def record(self, i: int) -> Record:
+        t = self.texts[i]
+        return Record(
+            task=t["task"],
+            doc_id=t["doc_id"],
+            question=t["question"],
+            choices=t["choices"],
+            context_ids=self.context(i),
+            choice_ids=self.choices(i),
+            gold=int(self.gold[i]),
+            correct=bool(self.correct[i]),
+            correct_norm=bool(self.correct_norm[i]),
+            routing=self.routing[i],
+            embedding=self.embeddings[i],
+        )
+
+    def slice(self, start: int, stop: int) -> Columns:
+        """Rows [start, stop) with offsets rebased to 0 (what one shard of a saved store holds)."""
+        c0, c1 = self.context_offsets[start], self.context_offsets[stop]
+        d0, d1 = self.doc_choice_offsets[start], self.doc_choice_offsets[stop]
+        t0, t1 = self.choice_offsets[d0], self.choice_offsets[d1]
+        return Columns(
+            routing=self.routing[start:stop],
+            embeddings=self.embeddings[start:stop],
+            context_ids=self.context_ids[c0:c1],
+            context_offsets=self.context_offsets[start : stop + 1] - c0,
+            choice_ids=self.choice_ids[t0:t1],
+            choice_offsets=self.choice_offsets[d0 : d1 + 1] - t0,
+            doc_choice_offsets=self.doc_choice_offsets[start : stop + 1] - d0,
+            gold=self.gold[start:stop],
+            correct=self.correct[start:stop],
+            correct_norm=self.correct_norm[start:stop],
+            texts=self.texts[start:stop],
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Columns]) -> Columns:
+        """Rows of ``parts`` in order, offsets rebased; the big columns are filled in place (one copy)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(name: str) -> np.ndarray:
+            arrays = [getattr(p, name) for p in parts]
+            out = np.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+            at = 0
+            for a in arrays:
+                out[at : at + len(a)] = a
+                at += len(a)
+            return out
+
+        def cat_offsets(name: str) -> np.ndarray:
+            pieces, base = [np.zeros(1, np.int64)], 0
+            for p in parts:
+                off = getattr(p, name)
+                pieces.append(off[1:] + base)
+                base += int(off[-1])
+            return np.concatenate(pieces)
+
+        return cls(
+            routing=cat("routing"),
+            embeddings=cat("embeddings"),
+            context_ids=cat("context_ids"),
+            context_offsets=cat_offsets("context_offsets"),
+            choice_ids=cat("choice_ids"),
+            choice_offsets=cat_offsets("choice_offsets"),
+            doc_choice_offsets=cat_offsets("doc_choice_offsets"),
+            gold=cat("gold"),
+            correct=cat("correct"),
+            correct_norm=cat("correct_norm"),
+            texts=[t for p in parts for t in p.texts],
+        )
+
+    def validate(self, num_layers: int, num_experts: int, dim: int) -> None:
+        """Raise ValueError naming the first inconsistency: shapes, offsets, dtypes, non-finite values."""
+        n = len(self.gold)
+        shapes = {
+            "routing": (n, num_layers, num_experts),
+            "embeddings": (n, dim),
+            "correct": (n,),
+            "correct_norm": (n,),
+            "context_offsets": (n + 1,),
+            "doc_choice_offsets": (n + 1,),
+        }
+        for name, shape in shapes.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise ValueError(f"{name} has shape {got}, expected {shape} (n={n}, L={num_layers}, E={num_experts}, D={dim})")
+        for name, dt in TENSOR_DTYPES.items():
+            if getattr(self, name).dtype != dt:
+                raise ValueError(f"{name} has dtype {getattr(self, name).dtype}, expected {np.dtype(dt)}")
+        m = int(self.doc_choice_offsets[-1])
+        for name, off, total in (
+            ("context_offsets", self.context_offsets, len(self.context_ids)),
+            ("doc_choice_offsets", self.doc_choice_offsets, len(self.choice_offsets) - 1),
+            ("choice_offsets", self.choice_offsets, len(self.choice_ids)),
+        ):
+            if len(off) == 0 or off[0] != 0 or off[-1] != total or np.any(np.diff(off) < 0):
+                raise ValueError(f"{name} are not non-decreasing offsets from 0 to {total}")
+        if len(self.choice_offsets) != m + 1:
+            raise ValueError(f"choice_offsets has {len(self.choice_offsets)} entries, expected {m + 1}")
+        counts = np.diff(self.doc_choice_offsets)
+        if np.any(self.gold < 0) or np.any(self.gold >= counts):
+            row = int(np.flatnonzero((self.gold < 0) | (self.gold >= counts))[0])
+            raise ValueError(f"row {row}: gold index {self.gold[row]} is outside its {counts[row]} choices")
+        if len(self.texts) != n:
+            raise ValueError(f"{len(self.texts)} text rows for {n} tensor rows")
+        for row, (t, c) in enumerate(zip(self.texts, counts)):
+            if len(t["choices"]) != c:
+                raise ValueError(f"row {row} ({t['id']}): {len(t['choices'])} choice strings but {c} choice id arrays")
+        for name in ("routing", "embeddings"):
+            bad = ~np.isfinite(getattr(self, name)).reshape(n, -1).all(axis=1)
+            if bad.any():
+                rows = np.flatnonzero(bad)
+                raise ValueError(f"{name} has NaN/inf in {len(rows)} rows (first: row {rows[0]}, {self.texts[rows[0]]['id']})")
+        norms = np.linalg.norm(self.embeddings, axis=1)
+        bad = np.abs(norms - 1) > NORM_TOLERANCE
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"embeddings must be unit-norm; row {row} has norm {norms[row]:.4f}")

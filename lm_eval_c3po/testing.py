@@ -1,0 +1,111 @@
+"""Tiny random-weight MoE models and an offline tokenizer, for tests and offline demos.
+
+Nothing here touches the hub: configs are built in code, weights are random
+(seeded), and the tokenizer is a byte-level BPE trained on a fixed corpus, so
+it encodes any text without unknown tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from lm_eval_c3po.routing import adapter_for
+
+# Each family's config with its own knobs exercised (shared experts, dense
+# first layers, group-limited routing, renormalisation) at toy sizes.
+_COMMON = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, norm_topk_prob=False)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32, norm_topk_prob=True),
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, moe_intermediate_size=32, norm_topk_prob=True, head_dim=8)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=8, head_dim=8)),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+            kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+            head_dim=8, topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+            num_key_value_heads=4,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+            kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+            n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4,
+        ),
+    ),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=8)),
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=8)),
+}
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Question: What is the capital of France? Answer: Paris. "
+    "Which of these is a mammal? A whale, a shark, a trout or a salmon. The sun rises in the east and sets "
+    "in the west. Water boils at one hundred degrees. People use a spoon to eat soup and a knife to cut bread. "
+    "She put the book on the shelf because it was heavy. 0 1 2 3 4 5 6 7 8 9 A B C D True False yes no"
+)
+
+
+def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a fixed corpus: deterministic and offline."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
+
+
+def make_tiny_model(family: str = "olmoe", seed: int = 0, vocab_size: int = 384, **overrides):
+    """A random-weight causal LM of ``family`` (a key of :data:`FAMILIES`), fp32, eval mode."""
+    if family not in FAMILIES:
+        raise KeyError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
+    config_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        **{**_COMMON, **extra, "vocab_size": vocab_size, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 0,
+           **overrides}
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init gives near-uniform routers; sharper ones make routing matter in tests.
+    with torch.no_grad():
+        for module in model.modules():
+            if adapter_for(module) is not None:
+                module.weight.mul_(20.0)
+    return model.eval()
+
+
+def save_tiny_model(path: str | Path, family: str = "olmoe", seed: int = 0) -> Path:
+    """Save a tiny random ``family`` model and the offline tokenizer to ``path`` (for ``pretrained=path``)."""
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    model = make_tiny_model(family, seed=seed, vocab_size=len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
