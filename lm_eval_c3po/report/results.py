@@ -126,13 +126,18 @@ def load_run(path: Path) -> Run:
         model_type=model_type,
         pretrained=pretrained,
         method=method_of(model_type, args),
-        args={k: v for k, v in args.items() if k not in IDENTITY_KEYS},
+        args={k: _hashable(v) for k, v in args.items() if k not in IDENTITY_KEYS},
         date=_run_date(path, data),
         results=data["results"],
         group_subtasks=data.get("group_subtasks") or {},
         versions=data.get("versions") or {},
         n_shot=data.get("n-shot") or {},
     )
+
+
+def _hashable(value: Any) -> Any:
+    """Dict-form model_args may hold lists or dicts; rows are keyed by args, so keep those as JSON text."""
+    return value if isinstance(value, (str, int, float, bool, type(None))) else json.dumps(value, sort_keys=True)
 
 
 def check_versions(runs: Iterable[Run]) -> None:

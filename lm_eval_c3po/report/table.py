@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +23,8 @@ from lm_eval_c3po.report.results import ReportError, Run
 
 # Metrics reported as fractions by lm-eval; shown in percent like the paper.
 PERCENT_METRICS = frozenset({"acc", "acc_norm", "exact_match", "f1"})
+# Suite groups whose members are the table's columns (the suite's own aggregate is the Avg column).
+SUITE_GROUPS = frozenset({"c3po_six"})
 # Methods that serve as the reference of the delta column, in order of preference.
 REFERENCE_METHODS = ("base", "hf")
 _METHOD_ORDER = {"hf": 0, "base": 1}
@@ -105,15 +107,15 @@ def _as_float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def benchmark_columns(run: Run, metric: str) -> list[str]:
-    """Top-level benchmarks of a run: roots of the group tree that have the metric; groups without
-    an aggregate score are replaced by their subtasks."""
+def benchmark_columns(run: Run, metric: str, suites: Collection[str] = SUITE_GROUPS) -> list[str]:
+    """Top-level benchmarks of a run: roots of the group tree that have the metric (MMLU stays one
+    column); groups without an aggregate score, and suite groups, are replaced by their subtasks."""
     children = {c for subs in run.group_subtasks.values() for c in subs}
     roots = [name for name in run.results if name not in children]
 
     def walk(name: str) -> list[str]:
         entry = run.results.get(name, {})
-        if metric_key(entry, metric) is not None:
+        if metric_key(entry, metric) is not None and not (name in suites and run.group_subtasks.get(name)):
             return [name]
         return [col for sub in run.group_subtasks.get(name, []) for col in walk(sub)]
 
@@ -141,14 +143,14 @@ def _when(date: float) -> str:
 
 
 def _merge_cells(
-    runs: Sequence[Run], metric: str, notes: list[str]
-) -> dict[tuple[str, str, tuple[tuple[str, Any], ...]], dict[str, Cell]]:
-    """Per row and benchmark, the newest run wins; every overruled file is named in a note."""
+    runs: Sequence[Run], metric: str, suites: Collection[str]
+) -> tuple[dict[tuple[str, str, tuple[tuple[str, Any], ...]], dict[str, Cell]], list[str]]:
+    """Per row and benchmark, the newest run wins; the notes name every overruled file."""
     picked: dict[Any, dict[str, tuple[Run, Cell]]] = {}
     overruled: dict[tuple[Any, str], list[Run]] = {}
     for run in sorted(runs, key=lambda r: (r.date, str(r.path))):
         key = _row_key(run)
-        for task in benchmark_columns(run, metric):
+        for task in benchmark_columns(run, metric, suites):
             cells = picked.setdefault(key, {})
             if task in cells:
                 overruled.setdefault((key, task), []).append(cells[task][0])
@@ -158,6 +160,7 @@ def _merge_cells(
         newest = picked[key][task][0]
         by_files.setdefault((key, newest.path, tuple(r.path for r in old)), []).append(task)
     dates = {run.path: run.date for run in runs}
+    notes = []
     for (key, newest, old), tasks in by_files.items():
         label = f"{key[0]} / {key[1]}" + (f" ({','.join(f'{k}={v}' for k, v in key[2])})" if key[2] else "")
         ignored = ", ".join(f"{path} ({_when(dates[path])})" for path in old)
@@ -165,7 +168,8 @@ def _merge_cells(
             f"{label}: {len(old) + 1} results for {', '.join(tasks)}; the newest wins: {newest} "
             f"({_when(dates[newest])}); ignored: {ignored}"
         )
-    return {key: {task: cell for task, (_, cell) in cells.items()} for key, cells in picked.items()}
+    merged = {key: {task: cell for task, (_, cell) in cells.items()} for key, cells in picked.items()}
+    return merged, notes
 
 
 def _n_shot_conflicts(runs: Sequence[Run]) -> list[str]:
@@ -209,8 +213,8 @@ def _average(cells: Mapping[str, Cell], columns: Sequence[str]) -> tuple[float |
     if not columns or any(c not in cells for c in columns):
         return None, None
     mean = sum(cells[c].value for c in columns) / len(columns)
-    errs = [cells[c].stderr for c in columns]
-    stderr = None if any(e is None for e in errs) else math.sqrt(sum(e * e for e in errs)) / len(columns)  # type: ignore[operator]
+    errs = [e for c in columns if (e := cells[c].stderr) is not None]
+    stderr = math.sqrt(sum(e * e for e in errs)) / len(columns) if len(errs) == len(columns) else None
     return mean, stderr
 
 
@@ -225,10 +229,10 @@ def _reference(row_key: tuple[str, str, tuple], keys: Sequence[tuple[str, str, t
     return None
 
 
-def build_table(runs: Sequence[Run], metric: str = "acc") -> Table:
-    """The leaderboard for ``metric`` (``acc``, ``acc_norm``, or ``metric,filter``)."""
-    notes: list[str] = []
-    merged = _merge_cells(runs, metric, notes)
+def build_table(runs: Sequence[Run], metric: str = "acc", suites: Collection[str] = SUITE_GROUPS) -> Table:
+    """The leaderboard for ``metric`` (``acc``, ``acc_norm``, or ``metric,filter``); ``suites`` are groups
+    shown as their member benchmarks rather than as one column."""
+    merged, notes = _merge_cells(runs, metric, suites)
     notes.extend(_n_shot_conflicts(runs))
     if not merged:
         tasks = sorted({t for r in runs for t in r.results})
@@ -259,7 +263,9 @@ def build_table(runs: Sequence[Run], metric: str = "acc") -> Table:
                 delta_vs=method_label(ref[1], ref[2], varying[(ref[0], ref[1])]) if delta is not None else None,
             )
         )
-    missing = [f"{r.label} lacks {', '.join(c for c in columns if c not in r.cells)}" for r in rows if r.average is None]
+    missing = [
+        f"{r.label} lacks {', '.join(c for c in columns if c not in r.cells)}" for r in rows if r.average is None
+    ]
     if missing:
         notes.append("no average (and no delta) for rows missing a benchmark: " + "; ".join(missing))
     return Table(metric=metric, columns=columns, rows=tuple(rows), notes=tuple(notes))
@@ -297,7 +303,9 @@ def to_markdown(table: Table) -> str:
         "|" + "|".join([":---", ":---"] + ["---:"] * (len(header) - 2)) + "|",
     ]
     for row in table.rows:
-        cells = [_fmt_pm(c.value, c.stderr, table.percent) if (c := row.cells.get(col)) else "—" for col in table.columns]
+        cells = [
+            _fmt_pm(c.value, c.stderr, table.percent) if (c := row.cells.get(col)) else "—" for col in table.columns
+        ]
         delta = _fmt(row.delta, table.percent, signed=True)
         if row.delta is not None:
             delta += f" (vs {row.delta_vs})"
@@ -313,9 +321,9 @@ def to_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {_md_escape(n)}" for n in notes) + "\n"
 
 
-def csv_header(columns: Sequence[str]) -> list[str]:
+def _csv_header(columns: Sequence[str]) -> list[str]:
     per_task = [name for col in columns for name in (col, f"{col}_stderr")]
-    return ["model", "method", "model_args", "label", *per_task, "average", "average_stderr", "delta", "delta_vs"]
+    return ["model", "method", "other_args", "label", *per_task, "average", "average_stderr", "delta", "delta_vs"]
 
 
 def to_csv(table: Table) -> str:
@@ -326,7 +334,7 @@ def to_csv(table: Table) -> str:
 
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(csv_header(table.columns))
+    writer.writerow(_csv_header(table.columns))
     for row in table.rows:
         per_task = []
         for col in table.columns:

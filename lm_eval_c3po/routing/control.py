@@ -108,7 +108,11 @@ class RoutingController:
 
     @staticmethod
     def _flat_rows(positions: torch.Tensor, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """Flat router rows of ``positions [B, P]`` for a router input of ``num_tokens = B * T`` rows."""
+        """Flat router rows of the addressed (``>= 0``) entries of ``positions [B, P]``, row-major.
+
+        The router input has ``num_tokens = B * T`` rows; a position of -1
+        leaves that slot (and a row of -1s, that batch row) untouched.
+        """
         batch = positions.shape[0]
         if num_tokens % batch:
             raise ValueError(f"router saw {num_tokens} tokens, not a multiple of the batch of {batch} addressed rows")
@@ -118,7 +122,7 @@ class RoutingController:
                 f"token position {int(positions.max())} is beyond the sequence length {seq_len} of this forward pass"
             )
         rows = torch.arange(batch, device=positions.device).unsqueeze(1) * seq_len
-        return (rows + positions).reshape(-1).to(device)
+        return (rows + positions)[positions >= 0].to(device)
 
     @contextmanager
     def _hooks(self, hooks: dict[int, object]) -> Iterator[None]:
@@ -132,6 +136,8 @@ class RoutingController:
     @contextmanager
     def capture(self, positions: torch.Tensor, layers: Sequence[int] | None = None) -> Iterator[RoutingCapture]:
         """Record the routing distribution at ``positions [B, P]`` of every (chosen) MoE layer.
+
+        Slots with position -1 are not read and come back as NaN.
 
         Only the first forward pass inside the block is recorded (the prefill,
         when generating), since later passes see other token positions.
@@ -148,7 +154,9 @@ class RoutingController:
                 logits = output[0].reshape(-1, output[0].shape[-1])
                 idx = self._flat_rows(positions, logits.shape[0], logits.device)
                 dist = layer.adapter.distribution(module, logits.index_select(0, idx).detach())
-                result._rows[layer.index] = dist.reshape(*positions.shape, -1).cpu()
+                rows = torch.full((*positions.shape, dist.shape[-1]), float("nan"))
+                rows[positions >= 0] = dist.cpu()
+                result._rows[layer.index] = rows
                 return None
 
             return hook
@@ -167,7 +175,8 @@ class RoutingController:
         """Route ``positions [B, P]`` of ``layers`` by ``omega [B, P, len(layers), E]`` instead of the router.
 
         The family's rule turns omega into top-k weights and indices, so the
-        experts run as usual and gradients flow back to omega. With
+        experts run as usual and gradients flow back to omega. Slots with
+        position -1 keep the router's own choice (their omega is ignored). With
         ``first_pass_only`` (generation), later decoding steps are untouched.
         """
         positions = torch.as_tensor(positions, dtype=torch.long)
@@ -187,7 +196,7 @@ class RoutingController:
                 logits, weights, index = output
                 flat_logits = logits.reshape(-1, logits.shape[-1])
                 idx = self._flat_rows(positions, flat_logits.shape[0], flat_logits.device)
-                rows = omega[:, :, slot].reshape(-1, omega.shape[-1]).to(flat_logits.device, torch.float32)
+                rows = omega[:, :, slot][positions >= 0].to(flat_logits.device, torch.float32)
                 new_w, new_i = layer.adapter.route(module, rows, flat_logits.index_select(0, idx))
                 weights = weights.index_put((idx,), new_w.to(weights.dtype))
                 index = index.index_put((idx,), new_i.to(index.dtype))

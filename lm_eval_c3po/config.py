@@ -1,0 +1,147 @@
+"""The ``--model c3po`` options (lm-eval ``model_args``), validated in one place.
+
+lm-eval splits ``model_args`` on commas and converts numbers and booleans, so
+list-valued options use ``+``: ``reference=refs/a+refs/b``,
+``layers=first:2+last:3``. Every bad value fails here, at model construction,
+with a message that names the option and the valid choices, instead of deep
+inside an evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from lm_eval_c3po.routing import DEFAULT_TOKENS, RoutingController, parse_layers, validate_token_spec
+
+METHODS = ("base", "mode_finding", "kernel_regression", "ngd", "icl")
+KERNELS = ("gaussian", "matern", "polynomial", "linear")
+SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_CORE_EXPERTS = 20
+DEFAULT_LAST_LAYERS = 5
+
+
+class C3POConfigError(ValueError):
+    """A ``--model c3po`` option with a bad value."""
+
+
+@dataclass(frozen=True)
+class C3POConfig:
+    method: str = "base"
+    reference: tuple[str, ...] = ()
+    k: int = 3
+    eps: float | None = None
+    kernel: str = "gaussian"
+    bandwidth: float | None = None
+    layers: str | None = None  # None: the last 5 MoE layers (all of them if the model has fewer)
+    tokens: str = DEFAULT_TOKENS
+    core_experts: int | None = None  # None: min(20, experts)
+    steps: int = 10
+    lr: float = 1e-1
+    lr_min: float = 1e-5
+    schedule: str = "cosine"
+    alpha: float | None = None  # None: kernel regression searches the grid; mode finding uses 0.5
+    mode_iters: int = 5
+    dedup: float | None = 0.95
+    embedder: str = DEFAULT_EMBEDDER
+    seed: int = 1234
+    diagnostics: str | None = None
+    remix_batch_size: int = 8
+    layer_ids: tuple[int, ...] = field(default=(), compare=False)  # resolved against the model
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} - {"layer_ids"}
+
+    @classmethod
+    def from_model_args(cls, args: dict[str, Any]) -> C3POConfig:
+        unknown = set(args) - cls.field_names()
+        if unknown:
+            raise C3POConfigError(f"unknown c3po option(s) {sorted(unknown)}; valid: {sorted(cls.field_names())}")
+        values = dict(args)
+        if "reference" in values:
+            values["reference"] = _split_plus(values["reference"])
+        for name in ("layers", "tokens", "embedder", "diagnostics", "method", "kernel", "schedule"):
+            if values.get(name) is not None:
+                values[name] = str(values[name]).strip()
+        for name in ("dedup", "eps", "bandwidth", "alpha"):
+            if isinstance(values.get(name), str) and values[name].lower() in ("none", "off", "false", ""):
+                values[name] = None
+        if values.get("dedup") is False:
+            values["dedup"] = None
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("kernel", self.kernel, KERNELS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _number("k", self.k, int, low=1)
+        _number("steps", self.steps, int, low=0)
+        _number("mode_iters", self.mode_iters, int, low=1)
+        _number("remix_batch_size", self.remix_batch_size, int, low=1)
+        _number("seed", self.seed, int, low=0)
+        _number("lr", self.lr, float, low=0, open_low=True)
+        _number("lr_min", self.lr_min, float, low=0)
+        if self.lr_min > self.lr:
+            raise C3POConfigError(f"lr_min={self.lr_min} is above lr={self.lr}: the schedule decays from lr to lr_min")
+        for name, low, high in (("eps", 0, 2), ("bandwidth", 0, None), ("alpha", 0, 1), ("dedup", 0, 1)):
+            value = getattr(self, name)
+            if value is not None:
+                _number(name, value, float, low=low, high=high, open_low=name in ("eps", "bandwidth", "dedup"))
+        if self.core_experts is not None:
+            _number("core_experts", self.core_experts, int, low=1)
+        validate_token_spec(self.tokens)
+        if self.method not in ("base",) and not self.reference:
+            raise C3POConfigError(
+                f"method={self.method} needs reference stores: add reference=DIR (several: DIR1+DIR2), "
+                "built with `c3po build-reference`"
+            )
+
+    def resolved_for(self, routing: RoutingController) -> C3POConfig:
+        """Check the options against the model's MoE shape and fill the model-dependent defaults."""
+        spec = self.layers if self.layers is not None else f"last:{min(DEFAULT_LAST_LAYERS, routing.num_layers)}"
+        layer_ids = tuple(parse_layers(spec, routing.num_layers))
+        core = self.core_experts
+        if core is None:
+            core = min(DEFAULT_CORE_EXPERTS, routing.num_experts)
+        if not routing.top_k <= core <= routing.num_experts:
+            raise C3POConfigError(
+                f"core_experts={core} is outside [top_k, experts] = [{routing.top_k}, {routing.num_experts}] "
+                "for this model: fewer than top-k core experts could not form a routing, more than the "
+                "model has do not exist"
+            )
+        return dataclasses.replace(self, layer_ids=layer_ids, core_experts=core)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["reference"] = list(self.reference)
+        out["layer_ids"] = list(self.layer_ids)
+        return out
+
+
+def _split_plus(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    return tuple(part.strip() for part in str(value).split("+") if part.strip())
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise C3POConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _number(name, value, kind, low=None, high=None, open_low=False) -> None:
+    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok_type = ok_type and float(value).is_integer()
+    if not ok_type or not math.isfinite(float(value)):
+        raise C3POConfigError(f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}")
+    if low is not None and (value < low or (open_low and value == low)):
+        raise C3POConfigError(f"{name}={value} must be {'>' if open_low else '>='} {low}")
+    if high is not None and value > high:
+        raise C3POConfigError(f"{name}={value} must be <= {high}")

@@ -1,0 +1,214 @@
+"""``lm_eval --model c3po``: an HFLM whose routers are re-mixed per test context.
+
+The subclass keeps all of HFLM (loading, tokenisation, batching, caching,
+data-parallel) and hooks one place: ``_model_call``. Before lm-eval scores a
+batch of requests, :meth:`C3POLM._loglikelihood_tokens` computes one pathway
+omega* per distinct context (:mod:`lm_eval_c3po.remix`) and records, for
+every model input lm-eval will build, where that context's tokens sit. When
+``_model_call`` then sees a padded batch, each row is matched back to its
+input and the routers are overridden at that row's context positions.
+
+``method=base`` installs no hook at all, so its numbers are ``--model hf``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from lm_eval_c3po.config import C3POConfig
+from lm_eval_c3po.routing import RoutingController, token_positions
+
+logger = logging.getLogger(__name__)
+
+Request = tuple[tuple[str, str], list[int], list[int]]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one context sits inside one model input."""
+
+    context: tuple[int, ...]
+    context_len: int  # context tokens left in the input after lm-eval's left truncation
+
+
+class RowPlan:
+    """Maps the rows of lm-eval's right-padded batches back to their requests.
+
+    lm-eval builds each causal input as ``(context + continuation)[-(max_length + 1):][:-1]``
+    and right-pads the batch with zeros; ``_model_call`` receives only the
+    padded tensor, so rows are recognised by their exact unpadded tokens.
+    """
+
+    def __init__(self, requests: Sequence[Request], max_length: int):
+        self._slots: dict[tuple[int, ...], _Slot] = {}
+        for _, context, continuation in requests:
+            whole = (list(context) + list(continuation))[-(max_length + 1):][:-1]
+            dropped = len(context) + len(continuation) - 1 - len(whole)
+            self._slots[tuple(whole)] = _Slot(tuple(context), len(context) - dropped)
+        self._lengths = sorted({len(k) for k in self._slots}, reverse=True)
+
+    def match(self, row: list[int]) -> _Slot | None:
+        """The slot whose input is ``row`` minus its right padding (longest match wins)."""
+        last = len(row)
+        while last > 0 and row[last - 1] == 0:
+            last -= 1
+        for length in self._lengths:
+            if length < last:
+                break
+            if length <= len(row) and (slot := self._slots.get(tuple(row[:length]))) is not None:
+                return slot
+        return None
+
+
+class C3POLM(HFLM):
+    """HFLM with C3PO test-time expert re-mixing (see ``C3POConfig`` for the model_args)."""
+
+    def __init__(self, pretrained, **kwargs) -> None:
+        c3po_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in C3POConfig.field_names()}
+        self.c3po = C3POConfig.from_model_args(c3po_kwargs)
+        super().__init__(pretrained=pretrained, **kwargs)
+        self.routing = RoutingController(self.model)
+        self.c3po = self.c3po.resolved_for(self.routing)
+        self._plan: RowPlan | None = None
+        self._pathways: dict[tuple[int, ...], torch.Tensor] = {}
+        self._captured: dict[tuple[int, ...], torch.Tensor] | None = None
+        self._remixer = None
+        self._warned_rolling = False
+        if self.c3po.method != "base":
+            from lm_eval_c3po.remix import Remixer
+
+            self._remixer = Remixer.from_lm(self, self.c3po)
+
+    # -- lm-eval entry points -------------------------------------------------
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        if self.c3po.method == "icl":
+            requests = self._remixer.with_demonstrations(requests)
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        if self.c3po.method != "base" and not self._warned_rolling:
+            logger.warning(
+                "c3po: loglikelihood_rolling (perplexity tasks) has no question to retrieve references for; "
+                "these requests run with the model's own routing (method=%s is not applied).",
+                self.c3po.method,
+            )
+            self._warned_rolling = True
+        with self._no_remix():
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        if self._remixer is None or self.c3po.method == "icl":
+            if self.c3po.method == "icl":
+                requests = self._remixer.with_demonstrations(requests)
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        contexts = [self.tok_encode(req.args[0]) for req in requests]
+        self._pathways = self._remixer.pathways([req.args[0] for req in requests], contexts)
+        try:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._pathways = {}
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        if self._remixer is None or self.c3po.method == "icl":
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        texts: dict[tuple[int, ...], str] = {}
+        for (context, _), context_enc, _ in requests:
+            texts.setdefault(tuple(context_enc), context)
+        keys = list(texts)
+        self._pathways = self._remixer.pathways([texts[k] for k in keys], [list(k) for k in keys])
+        try:
+            with self._planned(requests):
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            self._pathways = {}
+
+    # -- routing-aware scoring for the reference builder ----------------------
+
+    def loglikelihood_with_routing(
+        self, requests: Sequence[Request], disable_tqdm: bool = True
+    ) -> tuple[list[tuple[float, bool]], list[torch.Tensor]]:
+        """Score requests exactly as ``--model hf`` does and capture, from the same forward
+        passes, the routing ``[L, E]`` (every MoE layer) at each request's last context token."""
+        self._captured = {}
+        try:
+            with self._planned(requests), self._no_remix():
+                results = HFLM._loglikelihood_tokens(self, list(requests), disable_tqdm=disable_tqdm)
+            routing = [self._captured[tuple(ctx)] for _, ctx, _ in requests]
+        finally:
+            self._captured = None
+        return results, routing
+
+    # -- the hook -------------------------------------------------------------
+
+    @contextmanager
+    def _planned(self, requests: Sequence[Request]) -> Iterator[None]:
+        self._plan = RowPlan(requests, self.max_length)
+        try:
+            yield
+        finally:
+            self._plan = None
+
+    @contextmanager
+    def _no_remix(self) -> Iterator[None]:
+        saved, self._pathways = self._pathways, {}
+        try:
+            yield
+        finally:
+            self._pathways = saved
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        plan = self._plan
+        if not plan or (not self._pathways and self._captured is None):
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        slots = [plan.match(row) for row in inps.tolist()]
+        lengths = [slot.context_len if slot else 1 for slot in slots]
+        positions = token_positions(self.c3po.tokens if self._captured is None else "last", lengths)
+        unmatched = torch.tensor([slot is None or slot.context_len < 1 for slot in slots])
+        positions[unmatched] = -1
+        if self._captured is not None:
+            with self.routing.capture(positions) as cap:
+                out = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            for slot, routing in zip(slots, cap.routing[:, 0]):
+                if slot is not None:
+                    self._captured.setdefault(slot.context, routing)
+            return out
+        omega = torch.stack(
+            [self._pathways[s.context] if s else self._pathways_fallback() for s in slots]
+        )  # [B, P, Lc, E]
+        omega = omega.expand(-1, positions.shape[1], -1, -1) if omega.shape[1] == 1 else omega
+        with self.routing.override(positions, omega, layers=self.c3po.layer_ids):
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    def _pathways_fallback(self) -> torch.Tensor:
+        """Any stored pathway: a placeholder for rows whose positions are -1 (never applied)."""
+        return next(iter(self._pathways.values()))
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        if not self._pathways:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        mask = generation_kwargs.get("attention_mask")
+        rows = context.tolist() if mask is None else [
+            [t for t, m in zip(row, mrow) if m] for row, mrow in zip(context.tolist(), mask.tolist())
+        ]
+        known = [tuple(r) in self._pathways for r in rows]
+        # lm-eval left-pads prompts: a prompt of n tokens occupies the last n positions.
+        lengths = torch.tensor([max(len(r), 1) for r in rows])
+        positions = token_positions(self.c3po.tokens, lengths) + (context.shape[1] - lengths).unsqueeze(1)
+        positions[~torch.tensor(known)] = -1
+        omega = torch.stack([self._pathways.get(tuple(r), self._pathways_fallback()) for r in rows])
+        omega = omega.expand(-1, positions.shape[1], -1, -1) if omega.shape[1] == 1 else omega
+        ctx = self.routing.override(positions, omega, layers=self.c3po.layer_ids, first_pass_only=True)
+        with ctx if any(known) else nullcontext():
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info["c3po"] = self.c3po.to_dict()
+        return info

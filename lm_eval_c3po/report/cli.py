@@ -1,0 +1,48 @@
+"""``c3po report``: leaderboard (Markdown + CSV) from lm-eval results, plots from c3po diagnostics."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lm_eval_c3po.report.api import write_report
+from lm_eval_c3po.report.results import ReportError
+from lm_eval_c3po.report.table import SUITE_GROUPS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "results", nargs="*", metavar="RESULTS",
+        help="lm-eval results JSONs, or folders given to lm_eval --output_path (searched for results_*.json)",
+    )
+    parser.add_argument("--out", metavar="DIR", help="write table.md, table.csv and the plots (PNG + SVG) here")
+    parser.add_argument(
+        "--metric", default="acc",
+        help="metric of the table cells: acc (default), acc_norm, or METRIC,FILTER such as exact_match,strict-match",
+    )
+    parser.add_argument(
+        "--suite", action="append", default=[], metavar="GROUP",
+        help="a group to show as one column per member benchmark instead of one column "
+        "(c3po_six always is); repeatable",
+    )
+    parser.add_argument(
+        "--diagnostics", nargs="+", default=[], metavar="FILE",
+        help="diagnostics JSONL files written by --model c3po, for the activation heatmap, routing and loss plots "
+        "(needs --out)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = write_report(
+            args.results, args.out, args.diagnostics, metric=args.metric, suites=SUITE_GROUPS | set(args.suite)
+        )
+    except ReportError as err:
+        print(f"c3po report: error: {err}", file=sys.stderr)
+        return 2
+    if report.markdown:
+        print(report.markdown)
+    for path in (report.table_md, report.table_csv, *report.plots):
+        if path is not None:
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
