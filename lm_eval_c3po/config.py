@@ -17,7 +17,7 @@ from typing import Any
 from lm_eval_c3po.routing import DEFAULT_TOKENS, RoutingController, parse_layers, validate_token_spec
 
 METHODS = ("base", "mode_finding", "kernel_regression", "ngd", "icl")
-KERNELS = ("gaussian", "matern", "polynomial", "linear")
+KERNELS = ("gaussian", "matern", "matern1.5", "matern2.5", "polynomial", "linear")  # matern = matern1.5
 SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_CORE_EXPERTS = 20

@@ -79,6 +79,7 @@ class C3POLM(HFLM):
         self._pathways: dict[tuple[int, ...], torch.Tensor] = {}
         self._captured: dict[tuple[int, ...], torch.Tensor] | None = None
         self._remixer = None
+        self._suspended = False
         self._warned_rolling = False
         if self.c3po.method != "base":
             from lm_eval_c3po.remix import Remixer
@@ -116,7 +117,7 @@ class C3POLM(HFLM):
             self._pathways = {}
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        if self._remixer is None or self.c3po.method == "icl":
+        if self._remixer is None or self.c3po.method == "icl" or self._suspended:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         texts: dict[tuple[int, ...], str] = {}
         for (context, _), context_enc, _ in requests:
@@ -138,7 +139,7 @@ class C3POLM(HFLM):
         passes, the routing ``[L, E]`` (every MoE layer) at each request's last context token."""
         self._captured = {}
         try:
-            with self._planned(requests), self._no_remix():
+            with self._planned(requests):
                 results = HFLM._loglikelihood_tokens(self, list(requests), disable_tqdm=disable_tqdm)
             routing = [self._captured[tuple(ctx)] for _, ctx, _ in requests]
         finally:
@@ -157,11 +158,12 @@ class C3POLM(HFLM):
 
     @contextmanager
     def _no_remix(self) -> Iterator[None]:
-        saved, self._pathways = self._pathways, {}
+        """Score with the model's own routing (perplexity requests, the builder's capture pass)."""
+        self._suspended = True
         try:
             yield
         finally:
-            self._pathways = saved
+            self._suspended = False
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         plan = self._plan

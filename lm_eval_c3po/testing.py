@@ -14,8 +14,6 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lm_eval_c3po.routing import adapter_for
-
 # Each family's config with its own knobs exercised (shared experts, dense
 # first layers, group-limited routing, renormalisation) at toy sizes.
 _COMMON = dict(
@@ -27,6 +25,9 @@ _COMMON = dict(
     max_position_embeddings=512,
     num_experts_per_tok=2,
     tie_word_embeddings=False,
+    # 10x the usual init scale: at 0.02 a 32-wide random model barely reacts to its routing,
+    # which would make every re-mixing test vacuous.
+    initializer_range=0.2,
 )
 FAMILIES: dict[str, tuple[str, dict]] = {
     "olmoe": ("OlmoeConfig", dict(num_experts=8, norm_topk_prob=False)),
@@ -92,13 +93,7 @@ def make_tiny_model(family: str = "olmoe", seed: int = 0, vocab_size: int = 384,
            **overrides}
     )
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Random init gives near-uniform routers; sharper ones make routing matter in tests.
-    with torch.no_grad():
-        for module in model.modules():
-            if adapter_for(module) is not None:
-                module.weight.mul_(20.0)
-    return model.eval()
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 def save_tiny_model(path: str | Path, family: str = "olmoe", seed: int = 0) -> Path:

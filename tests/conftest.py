@@ -49,7 +49,9 @@ def write_mc_task(directory, name: str, docs) -> None:
         'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
         'doc_to_choice: "{{choices}}"\n'
         'doc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+        "metric_list:\n"
+        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
     )
 
 

@@ -1,0 +1,182 @@
+"""The C3PO methods on a tiny model: NGD, oracle, kernel regression, determinism, batch-size independence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_MC_DOCS
+from lm_eval_c3po.config import C3POConfig
+from lm_eval_c3po.remix import ChoiceLoss, Example, Remixer
+
+
+def _build_store(lm, out_dir):
+    """A store of every TINY_MC doc (keep=all), scored and captured the way the builder does."""
+    from lm_eval_c3po.embedding import Embedder
+    from lm_eval_c3po.identity import lm_signature
+    from lm_eval_c3po.store import Record, StoreManifest, StoreWriter
+
+    embedder = Embedder()
+    manifest = StoreManifest(model=lm_signature(lm), embedder=embedder.signature)
+    with StoreWriter(out_dir, manifest, shard_size=4, keep="all") as writer:
+        for i, (question, choices, gold) in enumerate(TINY_MC_DOCS):
+            context = f"Question: {question}\nAnswer:"
+            requests = [((context, " " + c), *lm._encode_pair(context, " " + c)) for c in choices]
+            results, routing = lm.loglikelihood_with_routing(requests)
+            ll = [r[0] for r in results]
+            writer.add(Record(task="tiny_mc", doc_id=i, question=context, choices=choices,
+                              context_ids=requests[0][1], choice_ids=[r[2] for r in requests], gold=gold,
+                              correct=int(np.argmax(ll)) == gold, correct_norm=False, routing=routing[gold].numpy(),
+                              embedding=embedder.encode([context])[0]))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from lm_eval_c3po.lm_eval_model import C3POLM
+
+    return C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def store_dir(lm, tmp_path_factory):
+    return _build_store(lm, tmp_path_factory.mktemp("store") / "tiny")
+
+
+def _remixer(lm, store_dir, **options) -> Remixer:
+    config = C3POConfig.from_model_args({"reference": str(store_dir), **options}).resolved_for(lm.routing)
+    return Remixer.from_lm(lm, config)
+
+
+def _examples(lm, docs):
+    out = []
+    for question, choices, gold in docs:
+        context = f"Question: {question}\nAnswer:"
+        encoded = [lm._encode_pair(context, " " + c) for c in choices]
+        out.append(Example(encoded[0][0], [e[1] for e in encoded], gold))
+    return out
+
+
+def test_ngd_lowers_the_neighbourhood_loss(lm, store_dir):
+    remixer = _remixer(lm, store_dir, method="ngd", steps=10)
+    texts = [f"Question: {q}\nAnswer:" for q, _, _ in TINY_MC_DOCS]
+    neighbours, weights = remixer._neighbours(texts)
+    loss = remixer.neighbourhood_loss(neighbours, weights)
+    contexts = [lm.tok_encode(t) for t in texts]
+    omega0 = remixer.own_pathways(contexts)
+    from lm_eval_c3po import methods
+
+    free = methods.core_expert_mask(omega0, remixer.config.core_experts, lm.routing.top_k)
+    result = methods.optimise_pathway(omega0, loss, free, steps=10)
+    first, best = result.losses[:, 0], result.best_loss
+    assert (best <= first).all()
+    assert (best < first - 1e-4).float().mean() >= 0.75  # most contexts improve measurably
+
+
+def test_oracle_lowers_each_samples_own_loss(lm, store_dir):
+    remixer = _remixer(lm, store_dir, method="ngd", steps=10)
+    rng = np.random.default_rng(0)
+    words = ["sun", "water", "bread", "fox", "whale", "spoon", "Paris", "book", "east", "soup"]
+    docs = []
+    for n in range(20):  # 20 samples, random 3-way questions over the tokenizer's corpus words
+        choice = list(rng.choice(words, 3, replace=False))
+        docs.append((f"Which word comes next, {words[n % 10]} or {choice[0]}?", choice, int(rng.integers(3))))
+    examples = _examples(lm, docs)
+    own = ChoiceLoss(lm.model, lm.routing, remixer.layer_ids, "last", [[e] for e in examples],
+                     torch.ones(len(examples), 1), lm.max_length)
+    with torch.no_grad():
+        before = own(remixer.own_pathways([e.context for e in examples]))
+        after = own(remixer.oracle(examples))
+    assert (after < before).sum().item() == 20
+
+
+def test_kernel_regression_k1_alpha0_writes_the_neighbours_pathway(lm, store_dir):
+    experts = lm.routing.num_experts
+    remixer = _remixer(lm, store_dir, method="kernel_regression", k=1, alpha=0.0, core_experts=experts)
+    text = "Question: Where does the sun rise?\nAnswer:"
+    context = lm.tok_encode(text)
+    omega = remixer.pathways([text], [context])[tuple(context)][0]
+    neighbours, _ = remixer._neighbours([text])
+    row = int(neighbours.indices[0, 0])
+    assert row != 2  # the question itself (cosine 1) is dropped as a near-duplicate
+    expected = torch.from_numpy(np.asarray(remixer.store.routing[row][remixer.layer_ids]))
+    assert torch.allclose(omega, expected, atol=1e-6)
+    # Through routing capture: the experts the routers hand on at that token are the neighbour's top-k.
+    used = {}
+    layer_ids = remixer.layer_ids
+    position = torch.tensor([[len(context) - 1]])
+    with lm.routing.override(position, omega.unsqueeze(0).unsqueeze(0), layers=layer_ids):
+        handles = [lm.routing.layers[i].router.register_forward_hook(
+            lambda m, a, out, i=i: used.__setitem__(i, out[2][len(context) - 1].tolist())) for i in layer_ids]
+        with torch.no_grad():
+            lm.model(torch.tensor([context]))
+        for h in handles:
+            h.remove()
+    for slot, i in enumerate(layer_ids):
+        assert set(used[i]) == set(expected[slot].topk(lm.routing.top_k).indices.tolist())
+
+
+def test_same_seed_same_numbers(lm, store_dir):
+    texts = [f"Question: {q}\nAnswer:" for q, _, _ in TINY_MC_DOCS[:4]]
+    contexts = [lm.tok_encode(t) for t in texts]
+    a = _remixer(lm, store_dir, method="ngd", seed=7).pathways(texts, contexts)
+    b = _remixer(lm, store_dir, method="ngd", seed=7).pathways(texts, contexts)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_lm_eval_batch_size_does_not_change_loglikelihoods(tiny_model_dir, store_dir):
+    from lm_eval.api.instance import Instance
+
+    from lm_eval_c3po.lm_eval_model import C3POLM
+
+    requests = []
+    for i, (question, choices, _) in enumerate(TINY_MC_DOCS[:5]):
+        for c in choices:
+            requests.append(Instance("loglikelihood", {}, (f"Question: {question}\nAnswer:", " " + c), i))
+    results = {}
+    for batch_size in (1, 5):
+        model = C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=batch_size,
+                       method="ngd", reference=str(store_dir))
+        results[batch_size] = np.array([r[0] for r in model.loglikelihood(requests, disable_tqdm=True)])
+    assert np.abs(results[1] - results[5]).max() <= 1e-5
+
+
+def test_remixing_changes_scores_and_writes_diagnostics(tiny_model_dir, store_dir, tmp_path):
+    from lm_eval.api.instance import Instance
+
+    from lm_eval_c3po.lm_eval_model import C3POLM
+
+    requests = [Instance("loglikelihood", {}, (f"Question: {q}\nAnswer:", " " + c), i)
+                for i, (q, choices, _) in enumerate(TINY_MC_DOCS[:3]) for c in choices]
+    base = C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", method="base")
+    diag = tmp_path / "diag.jsonl"
+    ngd = C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", method="ngd",
+                 reference=str(store_dir), diagnostics=str(diag))
+    a = np.array([r[0] for r in base.loglikelihood(requests, disable_tqdm=True)])
+    b = np.array([r[0] for r in ngd.loglikelihood(requests, disable_tqdm=True)])
+    assert np.abs(a - b).max() > 1e-4
+    records = [json.loads(line) for line in diag.read_text().splitlines()]
+    assert len(records) == 3  # one per distinct context, computed once for all its choices
+    for record in records:
+        assert len(record["neighbours"]) == 3 and len(record["loss"]) == 11
+        assert len(record["before"]["topk"]) == len(record["critical_layers"])
+
+
+def test_loglikelihood_rolling_runs_unmixed_with_one_warning(tiny_model_dir, store_dir, caplog):
+    from lm_eval.api.instance import Instance
+
+    from lm_eval_c3po.lm_eval_model import C3POLM
+
+    base = C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", method="base")
+    ngd = C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", method="ngd",
+                 reference=str(store_dir))
+    requests = [Instance("loglikelihood_rolling", {}, ("The sun rises in the east.",), 0)]
+    with caplog.at_level("WARNING"):
+        a = base.loglikelihood_rolling(requests, disable_tqdm=True)
+        b = ngd.loglikelihood_rolling(requests * 2, disable_tqdm=True)
+        ngd.loglikelihood_rolling(requests, disable_tqdm=True)
+    assert a[0] == b[0] == b[1]
+    assert sum("loglikelihood_rolling" in r.message for r in caplog.records) == 1
