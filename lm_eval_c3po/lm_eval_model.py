@@ -13,6 +13,7 @@ input and the routers are overridden at that row's context positions.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -26,7 +27,13 @@ from lm_eval_c3po.routing import RoutingController, token_positions
 
 logger = logging.getLogger(__name__)
 
+CACHE_SETTINGS_KEY = "lm_eval_c3po/settings"
+
 Request = tuple[tuple[str, str], list[int], list[int]]
+
+
+class CacheSettingsError(ValueError):
+    """An lm-eval ``--use_cache`` database written under other settings."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +216,45 @@ class C3POLM(HFLM):
         ctx = self.routing.override(positions, omega, layers=self.c3po.layer_ids, first_pass_only=True)
         with ctx if any(known) else nullcontext():
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    # -- lm-eval's --use_cache ------------------------------------------------
+
+    def set_cache_hook(self, cache_hook) -> None:
+        """Stamp lm-eval's response cache with these settings; refuse one written under others.
+
+        lm-eval keys cached responses by the request alone, so a cache filled
+        with ``method=ngd,k=3`` would silently answer a ``k=5`` run.
+        """
+        super().set_cache_hook(cache_hook)
+        db = getattr(cache_hook, "dbdict", None)
+        if db is None:
+            return
+        mine = self._cache_identity()
+        theirs = db.get(CACHE_SETTINGS_KEY)
+        if theirs is None and len(db) > 0:
+            raise CacheSettingsError(
+                f"the --use_cache database {getattr(db, 'filename', '')} already holds responses from a run "
+                "that was not --model c3po: use another --use_cache path for this run"
+            )
+        if theirs is not None and theirs != mine:
+            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise CacheSettingsError(
+                f"the --use_cache database {getattr(db, 'filename', '')} was written with other c3po settings "
+                f"(differing: {', '.join(changed)}); reusing it would mix their results into this run. "
+                "Use another --use_cache path, or the same settings to resume."
+            )
+        db[CACHE_SETTINGS_KEY] = mine
+
+    def _cache_identity(self) -> dict:
+        settings = self.c3po.to_dict()
+        for volatile in ("diagnostics", "remix_batch_size"):  # change no number
+            settings.pop(volatile)
+        identity = {"pretrained": str(self.pretrained), "revision": str(getattr(self, "revision", None)),
+                    "c3po": json.dumps(settings, sort_keys=True)}
+        if self._remixer is not None:
+            manifest = self._remixer.store.manifest
+            identity["reference"] = json.dumps([s.to_dict() for s in manifest.shards], sort_keys=True)
+        return identity
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()

@@ -180,3 +180,59 @@ def test_loglikelihood_rolling_runs_unmixed_with_one_warning(tiny_model_dir, sto
         ngd.loglikelihood_rolling(requests, disable_tqdm=True)
     assert a[0] == b[0] == b[1]
     assert sum("loglikelihood_rolling" in r.message for r in caplog.records) == 1
+
+
+def test_generate_until_remixes_the_prefill_at_the_last_prompt_token(tiny_model_dir, store_dir, monkeypatch):
+    from lm_eval.api.instance import Instance
+
+    from lm_eval_c3po.lm_eval_model import C3POLM
+
+    model = C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", method="kernel_regression",
+                   reference=str(store_dir), alpha=0.0, batch_size=2)
+    prompts = ["Question: Where does the sun rise?\nAnswer:", "Question: Is the fox quick?\nAnswer:"]
+    requests = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}), i)
+                for i, p in enumerate(prompts)]
+    applied = []
+    real_override = model.routing.override
+
+    def spy(positions, omega, layers, first_pass_only=False):
+        applied.append((positions.clone(), first_pass_only))
+        return real_override(positions, omega, layers, first_pass_only=first_pass_only)
+
+    monkeypatch.setattr(model.routing, "override", spy)
+    out = model.generate_until(requests, disable_tqdm=True)
+    assert len(out) == 2 and all(isinstance(text, str) for text in out)
+    assert applied and all(first for _, first in applied)  # the prefill only, not the decoding steps
+    positions = torch.cat([p for p, _ in applied])
+    widths = [len(model.tok_encode(p)) for p in prompts]
+    assert set(positions[:, 0].tolist()) == {max(widths) - 1}  # left padding: the last prompt token is last
+
+
+def test_use_cache_resumes_and_refuses_other_settings(tiny_model_dir, tiny_task_dir, store_dir, tmp_path,
+                                                      monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_c3po.lm_eval_model import CacheSettingsError
+    from lm_eval_c3po.remix import Remixer
+
+    calls = []
+    real = Remixer.pathways
+    monkeypatch.setattr(Remixer, "pathways", lambda self, *a: calls.append(1) or real(self, *a))
+    cache = str(tmp_path / "cache" / "c3po")
+    tasks = TaskManager(include_path=str(tiny_task_dir))
+
+    def run(**extra):
+        args = f"pretrained={tiny_model_dir},dtype=float32,method=ngd,reference={store_dir},steps=2"
+        args += "".join(f",{k}={v}" for k, v in extra.items())
+        return simple_evaluate(model="c3po", model_args=args, tasks=["tiny_mc"], task_manager=tasks,
+                               device="cpu", use_cache=cache, limit=4)
+
+    first = run()
+    assert calls  # computed
+    calls.clear()
+    again = run()
+    assert not calls  # every response came from the cache
+    assert again["results"]["tiny_mc"]["acc,none"] == first["results"]["tiny_mc"]["acc,none"]
+    with pytest.raises(CacheSettingsError, match="differing: c3po"):
+        run(k=2)
