@@ -8,8 +8,8 @@ list, ``choice_offsets`` [m+1] index into ``choice_ids``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -59,15 +59,16 @@ class Columns:
         return len(self.gold)
 
     @classmethod
-    def empty(cls, num_layers: int, num_experts: int, dim: int) -> Columns:
-        return cls.from_records([], num_layers, num_experts, dim)
-
-    @classmethod
     def from_records(cls, records: Sequence[Record], num_layers: int, num_experts: int, dim: int) -> Columns:
+        """Columns of ``records`` in order; the shapes are needed for a shard that kept no record."""
         choices = [c for r in records for c in r.choice_ids]
+
+        def stack(arrays: list[np.ndarray], empty_shape: tuple[int, ...], dtype: type) -> np.ndarray:
+            return np.stack(arrays).astype(dtype, copy=False) if arrays else np.zeros(empty_shape, dtype)
+
         return cls(
-            routing=np.stack([r.routing for r in records]) if records else np.zeros((0, num_layers, num_experts), np.float32),
-            embeddings=np.stack([r.embedding for r in records]) if records else np.zeros((0, dim), np.float32),
+            routing=stack([r.routing for r in records], (0, num_layers, num_experts), np.float32),
+            embeddings=stack([r.embedding for r in records], (0, dim), np.float32),
             context_ids=np.concatenate([r.context_ids for r in records]) if records else np.zeros(0, np.int64),
             context_offsets=_offsets([len(r.context_ids) for r in records]),
             choice_ids=np.concatenate(choices) if choices else np.zeros(0, np.int64),
@@ -136,31 +137,47 @@ class Columns:
         )
 
     @classmethod
-    def concat(cls, parts: Sequence[Columns]) -> Columns:
-        """Rows of ``parts`` in order, offsets rebased; the big columns are filled in place (one copy)."""
-        if len(parts) == 1:
-            return parts[0]
+    def concat(cls, parts: Iterable[Columns], rows: int | None = None) -> Columns:
+        """Rows of ``parts`` in order, offsets rebased; always new arrays, never views of the parts.
+
+        ``parts`` may be a generator (a store loading shard by shard): with
+        ``rows`` given, routing and embeddings are copied into preallocated
+        arrays as each part arrives, so only one part's big columns are alive
+        at a time and load memory stays near the final size.
+        """
+        if rows is None:
+            parts = list(parts)
+            rows = sum(len(p) for p in parts)
+        routing = embeddings = None
+        small: list[Columns] = []
+        at = 0
+        for p in parts:
+            if routing is None:
+                routing = np.empty((rows, *p.routing.shape[1:]), np.float32)
+                embeddings = np.empty((rows, *p.embeddings.shape[1:]), np.float32)
+            n = len(p)
+            if at + n > rows:
+                raise ValueError(f"parts hold more than the {rows} rows expected")
+            routing[at : at + n], embeddings[at : at + n] = p.routing, p.embeddings
+            small.append(replace(p, routing=np.empty(0, np.float32), embeddings=np.empty(0, np.float32)))  # drop refs
+            at += n
+        if routing is None or at != rows:
+            raise ValueError(f"parts hold {at} rows, expected {rows}")
 
         def cat(name: str) -> np.ndarray:
-            arrays = [getattr(p, name) for p in parts]
-            out = np.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), dtype=arrays[0].dtype)
-            at = 0
-            for a in arrays:
-                out[at : at + len(a)] = a
-                at += len(a)
-            return out
+            return np.concatenate([getattr(p, name) for p in small])
 
         def cat_offsets(name: str) -> np.ndarray:
             pieces, base = [np.zeros(1, np.int64)], 0
-            for p in parts:
+            for p in small:
                 off = getattr(p, name)
                 pieces.append(off[1:] + base)
                 base += int(off[-1])
             return np.concatenate(pieces)
 
         return cls(
-            routing=cat("routing"),
-            embeddings=cat("embeddings"),
+            routing=routing,
+            embeddings=embeddings,
             context_ids=cat("context_ids"),
             context_offsets=cat_offsets("context_offsets"),
             choice_ids=cat("choice_ids"),
@@ -169,7 +186,7 @@ class Columns:
             gold=cat("gold"),
             correct=cat("correct"),
             correct_norm=cat("correct_norm"),
-            texts=[t for p in parts for t in p.texts],
+            texts=[t for p in small for t in p.texts],
         )
 
     def validate(self, num_layers: int, num_experts: int, dim: int) -> None:
@@ -186,7 +203,9 @@ class Columns:
         for name, shape in shapes.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:
-                raise ValueError(f"{name} has shape {got}, expected {shape} (n={n}, L={num_layers}, E={num_experts}, D={dim})")
+                raise ValueError(
+                    f"{name} has shape {got}, expected {shape} (n={n}, L={num_layers}, E={num_experts}, D={dim})"
+                )
         for name, dt in TENSOR_DTYPES.items():
             if getattr(self, name).dtype != dt:
                 raise ValueError(f"{name} has dtype {getattr(self, name).dtype}, expected {np.dtype(dt)}")
@@ -210,10 +229,12 @@ class Columns:
             if len(t["choices"]) != c:
                 raise ValueError(f"row {row} ({t['id']}): {len(t['choices'])} choice strings but {c} choice id arrays")
         for name in ("routing", "embeddings"):
-            bad = ~np.isfinite(getattr(self, name)).reshape(n, -1).all(axis=1)
+            values = getattr(self, name)
+            bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))  # works for 0-row shards too
             if bad.any():
                 rows = np.flatnonzero(bad)
-                raise ValueError(f"{name} has NaN/inf in {len(rows)} rows (first: row {rows[0]}, {self.texts[rows[0]]['id']})")
+                first = f"row {rows[0]}, {self.texts[rows[0]]['id']}"
+                raise ValueError(f"{name} has NaN/inf in {len(rows)} rows (first: {first})")
         norms = np.linalg.norm(self.embeddings, axis=1)
         bad = np.abs(norms - 1) > NORM_TOLERANCE
         if bad.any():

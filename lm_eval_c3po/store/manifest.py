@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+from lm_eval_c3po.store.errors import StoreCorruptError, StoreIncompleteError
 from lm_eval_c3po.store.signature import EmbedderSignature, ModelSignature
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# Present (and manifest.json absent) while a build is unfinished.
+PROGRESS_FILE = "progress.json"
 
 
 @dataclass
@@ -156,3 +160,27 @@ class StoreManifest:
             created=str(d.get("created", "")),
             format_version=version,
         )
+
+
+def load_manifest(directory: Path) -> StoreManifest:
+    """Read ``<directory>/manifest.json``; a missing one means an unfinished build (or not a store)."""
+    path = directory / MANIFEST_FILE
+    if not path.exists():
+        if (directory / PROGRESS_FILE).exists():
+            raise StoreIncompleteError(
+                f"{directory} is an unfinished build (no {MANIFEST_FILE} yet): rerun the same "
+                "`c3po build-reference` command to resume it, then load"
+            )
+        if not directory.is_dir():
+            raise StoreCorruptError(
+                f"no reference store at {directory}: build one with `c3po build-reference --out {directory}`"
+            )
+        raise StoreCorruptError(
+            f"missing store file {path}: {directory} is not a reference store; build one with `c3po build-reference`"
+        )
+    try:
+        return StoreManifest.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise StoreCorruptError(
+            f"corrupt store file {path} ({err}): rebuild the store with `c3po build-reference ... --overwrite`"
+        ) from None

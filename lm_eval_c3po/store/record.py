@@ -41,7 +41,9 @@ class Record:
         self.embedding = np.asarray(self.embedding, dtype=np.float32).reshape(-1)
         self.gold, self.correct, self.correct_norm = int(self.gold), bool(self.correct), bool(self.correct_norm)
         if len(self.choices) != len(self.choice_ids):
-            raise ValueError(f"{self.id}: {len(self.choices)} choice strings but {len(self.choice_ids)} choice id arrays")
+            raise ValueError(
+                f"{self.id}: {len(self.choices)} choice strings but {len(self.choice_ids)} choice id arrays"
+            )
         if not 0 <= self.gold < len(self.choices):
             raise ValueError(f"{self.id}: gold index {self.gold} is outside its {len(self.choices)} choices")
         if self.routing.ndim != 2:
