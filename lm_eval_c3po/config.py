@@ -22,6 +22,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_CORE_EXPERTS = 20
 DEFAULT_LAST_LAYERS = 5
+INT_FIELDS = ("k", "steps", "mode_iters", "remix_batch_size", "seed", "core_experts")
 
 
 class C3POConfigError(ValueError):
@@ -74,7 +75,8 @@ class C3POConfig:
             values["dedup"] = None
         config = cls(**values)
         config.validate()
-        return config
+        ints = {name: int(getattr(config, name)) for name in INT_FIELDS if getattr(config, name) is not None}
+        return dataclasses.replace(config, **ints)  # k=3.0 from a YAML or a script is k=3
 
     def validate(self) -> None:
         _choice("method", self.method, METHODS)

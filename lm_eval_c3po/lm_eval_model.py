@@ -85,6 +85,7 @@ class C3POLM(HFLM):
         self._plan: RowPlan | None = None
         self._pathways: dict[tuple[int, ...], torch.Tensor] = {}
         self._captured: dict[tuple[int, ...], torch.Tensor] | None = None
+        self._layers = self.c3po.layer_ids  # the MoE layers the pathways in flight belong to
         self._remixer = None
         self._suspended = False
         self._warned_rolling = False
@@ -153,6 +154,24 @@ class C3POLM(HFLM):
             self._captured = None
         return results, routing
 
+    def loglikelihood_with_pathways(
+        self,
+        requests: Sequence[Request],
+        pathways: dict[tuple[int, ...], torch.Tensor],
+        layers: Sequence[int] | None = None,
+        disable_tqdm: bool = True,
+    ) -> list[tuple[float, bool]]:
+        """Score tokenized requests with given pathways ``{context ids: [1, len(layers), E]}``.
+
+        For analysis (e.g. the oracle); ``layers`` default to this model's critical layers.
+        """
+        self._pathways, self._layers = pathways, tuple(layers) if layers is not None else self.c3po.layer_ids
+        try:
+            with self._planned(requests):
+                return HFLM._loglikelihood_tokens(self, list(requests), disable_tqdm=disable_tqdm)
+        finally:
+            self._pathways, self._layers = {}, self.c3po.layer_ids
+
     # -- the hook -------------------------------------------------------------
 
     @contextmanager
@@ -192,7 +211,7 @@ class C3POLM(HFLM):
             [self._pathways[s.context] if s else self._pathways_fallback() for s in slots]
         )  # [B, P, Lc, E]
         omega = omega.expand(-1, positions.shape[1], -1, -1) if omega.shape[1] == 1 else omega
-        with self.routing.override(positions, omega, layers=self.c3po.layer_ids):
+        with self.routing.override(positions, omega, layers=self._layers):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _pathways_fallback(self) -> torch.Tensor:

@@ -133,6 +133,44 @@ class ChoiceLoss:
         return self.examples[b][i].choices[c]
 
 
+def own_pathways(model, routing: RoutingController, layer_ids: Sequence[int], contexts: Sequence[Sequence[int]],
+                 max_length: int) -> torch.Tensor:
+    """The model's own routing ``[B, L_crit, E]`` at each context's last token (one capture pass)."""
+    contexts = [list(c)[-max_length:] for c in contexts]
+    ids = torch.zeros(len(contexts), max(map(len, contexts)), dtype=torch.long)
+    for b, c in enumerate(contexts):
+        ids[b, : len(c)] = torch.tensor(c)
+    positions = token_positions("last", [len(c) for c in contexts])
+    with torch.no_grad(), routing.capture(positions, layers=layer_ids) as cap:
+        model(ids.to(next(model.parameters()).device))
+    return cap.routing[:, 0].float()
+
+
+def descend(omega0: torch.Tensor, free: torch.Tensor, loss, config: C3POConfig, simplex: bool) -> methods.NGDResult:
+    """NGD on ``loss``; gradients are switched on whatever the caller's mode (lm-eval scores under no_grad)."""
+    with torch.enable_grad():
+        return methods.optimise_pathway(
+            omega0, loss, free, steps=config.steps, lr=config.lr, lr_min=config.lr_min, schedule=config.schedule,
+            simplex=simplex,
+        )
+
+
+def oracle_pathways(model, routing: RoutingController, config: C3POConfig, examples: Sequence[Example],
+                    max_length: int) -> torch.Tensor:
+    """The oracle: NGD on each example's *own* gold loss, ``[B, L_crit, E]``.
+
+    An upper bound for analysis where the gold answer is known; never a C3PO
+    score. Needs no reference store. ``config`` must be resolved for the model.
+    """
+    omega0 = own_pathways(model, routing, config.layer_ids, [ex.context for ex in examples], max_length)
+    free = methods.core_expert_mask(omega0, config.core_experts, routing.top_k)
+    from lm_eval_c3po.cached_loss import CachedChoiceLoss  # imports this module
+
+    loss = CachedChoiceLoss(model, routing, config.layer_ids, config.tokens, [[ex] for ex in examples],
+                            torch.ones(len(examples), 1), max_length)
+    return descend(omega0, free, loss, config, routing.routing_kind == "softmax").omega
+
+
 class Remixer:
     """Computes omega* for test contexts from a reference store (see the module docstring)."""
 
@@ -151,6 +189,9 @@ class Remixer:
                 "references: lower k or build a larger store"
             )
         model.requires_grad_(False)  # only omega is optimised
+        from lm_eval_c3po.cached_loss import PrefixCache  # imports this module
+
+        self.loss_cache = PrefixCache()  # prepared neighbours, shared by every neighbourhood loss
         self._diagnostics = Path(config.diagnostics) if config.diagnostics else None
 
     @classmethod
@@ -185,15 +226,7 @@ class Remixer:
         return out
 
     def own_pathways(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """The model's own routing ``[B, L_crit, E]`` at each context's last token."""
-        contexts = [list(c)[-self.max_length:] for c in contexts]
-        ids = torch.zeros(len(contexts), max(map(len, contexts)), dtype=torch.long)
-        for b, c in enumerate(contexts):
-            ids[b, : len(c)] = torch.tensor(c)
-        positions = token_positions("last", [len(c) for c in contexts])
-        with torch.no_grad(), self.routing.capture(positions, layers=self.layer_ids) as cap:
-            self.model(ids.to(self.device))
-        return cap.routing[:, 0].float()
+        return own_pathways(self.model, self.routing, self.layer_ids, contexts, self.max_length)
 
     def _remix(self, texts: list[str], contexts: list[list[int]]):
         cfg = self.config
@@ -265,8 +298,10 @@ class Remixer:
         for b, valid in enumerate(neighbours.valid):
             kept = weights[b][valid]
             compact[b, : len(kept)] = kept
-        return ChoiceLoss(self.model, self.routing, self.layer_ids, self.config.tokens, examples, compact,
-                          self.max_length)
+        from lm_eval_c3po.cached_loss import CachedChoiceLoss
+
+        return CachedChoiceLoss(self.model, self.routing, self.layer_ids, self.config.tokens, examples, compact,
+                                self.max_length, cache=self.loss_cache)
 
     def reference_example(self, row: int) -> Example:
         return Example(
@@ -279,21 +314,10 @@ class Remixer:
 
     def oracle(self, examples: Sequence[Example]) -> torch.Tensor:
         """NGD on each test example's *own* gold loss: an upper bound for analysis, never a C3PO score."""
-        cfg = self.config
-        omega0 = self.own_pathways([ex.context for ex in examples])
-        free = methods.core_expert_mask(omega0, cfg.core_experts, self.routing.top_k)
-        loss = ChoiceLoss(self.model, self.routing, self.layer_ids, cfg.tokens, [[ex] for ex in examples],
-                          torch.ones(len(examples), 1), self.max_length)
-        return self._descend(omega0, free, loss).omega
+        return oracle_pathways(self.model, self.routing, self.config, examples, self.max_length)
 
     def _descend(self, omega0: torch.Tensor, free: torch.Tensor, loss: ChoiceLoss) -> methods.NGDResult:
-        """NGD on ``loss``; gradients are switched on whatever the caller's mode (lm-eval scores under no_grad)."""
-        cfg = self.config
-        with torch.enable_grad():
-            return methods.optimise_pathway(
-                omega0, loss, free, steps=cfg.steps, lr=cfg.lr, lr_min=cfg.lr_min, schedule=cfg.schedule,
-                simplex=self.simplex,
-            )
+        return descend(omega0, free, loss, self.config, self.simplex)
 
     def with_demonstrations(self, requests):
         """The ICL baseline: the same retrieved neighbours prepended as solved demonstrations."""

@@ -180,7 +180,7 @@ def load_manifest(directory: Path) -> StoreManifest:
         )
     try:
         return StoreManifest.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:  # any malformed structure
         raise StoreCorruptError(
             f"corrupt store file {path} ({err}): rebuild the store with `c3po build-reference ... --overwrite`"
         ) from None

@@ -1,0 +1,299 @@
+"""C3PO's cost over plain evaluation, measured through lm-eval's ``simple_evaluate`` in one process.
+
+An OLMoE-shaped random model (16 layers, 64 experts, top-8; small hidden size),
+a synthetic 4-choice task and a reference store built from a disjoint
+synthetic set. Each configuration evaluates the same task with the same
+``batch_size``; seconds and ratios to ``--model hf`` are printed and written:
+
+    hf            lm-eval's HFLM
+    base          --model c3po method=base (no hooks: must cost what hf costs)
+    mode_finding  retrieval + mean shift in pathway space
+    kernel_regression  retrieval + the 11-candidate alpha grid on the neighbourhood loss
+    ngd           retrieval + 10 NGD steps on the neighbourhood loss (prefix-cached loss)
+    ngd_naive     the same NGD with the reference ChoiceLoss (full model per call)
+
+Targets (ratios to hf, 2 CPU cores): ngd <= 3.0 (stretch 2.0), kernel_regression
+<= 1.5, mode_finding <= 1.3, base <= 1.05, ngd_naive / ngd >= 5. Per run it also
+reports the time inside ``lm.loglikelihood`` ("model s": without simple_evaluate's
+fixed task set-up, which flatters small runs) and where C3PO's time goes (embedding, the re-mixing itself, scoring), so
+the figures can be read for real model sizes, where the fixed-size sentence
+embedder is negligible next to the LM. Peak RSS is per run (``/proc/self/clear_refs``).
+
+    python benchmarks/overhead.py --out overhead.json                 # ~300 questions, hidden 256
+    python benchmarks/overhead.py --questions 40 --hidden 128         # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from unittest import mock
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+CONFIGS = ("hf", "base", "mode_finding", "kernel_regression", "ngd", "ngd_naive")
+TARGETS = {"base": 1.05, "mode_finding": 1.3, "kernel_regression": 1.5, "ngd": 3.0}
+TASK = "c3po_overhead_mc"
+_WORDS = ("quick brown fox jumps over lazy dog capital France Paris mammal whale shark trout salmon sun rises "
+          "east sets west water boils hundred degrees people spoon eat soup knife cut bread book shelf heavy "
+          "question answer which these true false yes no").split()
+
+
+def _rss_mib() -> dict[str, float]:
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return {"rss_mib": round(fields["VmRSS"], 1), "peak_rss_mib": round(fields["VmHWM"], 1)}
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def synthetic_docs(n: int, seed: int) -> list[dict]:
+    """4-choice questions over the offline tokenizer's corpus words (so tokens stay few)."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        question = " ".join(rng.choices(_WORDS, k=rng.randint(8, 24))).capitalize() + "?"
+        choices = [" ".join(rng.choices(_WORDS, k=rng.randint(1, 3))) for _ in range(4)]
+        docs.append({"question": question, "choices": choices, "answer": rng.randrange(4)})
+    return docs
+
+
+def write_task(directory: Path, docs: list[dict]) -> None:
+    data = directory / f"{TASK}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (directory / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n"
+        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+    )
+
+
+def save_model(path: Path, hidden: int, seed: int = 0) -> Path:
+    """OLMoE-1B-7B's shape (16 layers, 64 experts, top-8) at a small hidden size, with the offline tokenizer."""
+    from lm_eval_c3po.testing import make_tiny_model, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    model = make_tiny_model(
+        "olmoe", seed=seed, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden // 2,
+        num_hidden_layers=16, num_attention_heads=max(1, hidden // 32), num_key_value_heads=max(1, hidden // 32),
+        num_experts=64, num_experts_per_tok=8, max_position_embeddings=1024, initializer_range=0.02,
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_store(lm, docs: list[dict], out: Path, chunk: int = 64) -> Path:
+    """A store of every doc (keep=all: a random model's accuracy would leave too few), built as the builder does."""
+    import numpy as np
+
+    from lm_eval_c3po.embedding import Embedder
+    from lm_eval_c3po.identity import lm_signature
+    from lm_eval_c3po.store import Record, StoreManifest, StoreWriter
+
+    embedder = Embedder()
+    manifest = StoreManifest(model=lm_signature(lm), embedder=embedder.signature)
+    with StoreWriter(out, manifest, shard_size=256, keep="all") as writer:
+        for start in range(0, len(docs), chunk):
+            part = docs[start:start + chunk]
+            contexts = [f"Question: {d['question']}\nAnswer:" for d in part]
+            requests = [((ctx, " " + c), *lm._encode_pair(ctx, " " + c)) for ctx, d in zip(contexts, part)
+                        for c in d["choices"]]
+            results, routing = lm.loglikelihood_with_routing(requests)
+            embeddings = embedder.encode(contexts)
+            for j, (ctx, d) in enumerate(zip(contexts, part)):
+                mine = slice(4 * j, 4 * j + 4)
+                ll = [r[0] for r in results[mine]]
+                writer.add(Record(task="overhead_ref", doc_id=start + j, question=ctx, choices=d["choices"],
+                                  context_ids=requests[4 * j][1], choice_ids=[r[2] for r in requests[mine]],
+                                  gold=d["answer"], correct=int(np.argmax(ll)) == d["answer"], correct_norm=False,
+                                  routing=routing[4 * j + d["answer"]].numpy(), embedding=embeddings[j]))
+    return out
+
+
+def _naive_loss(*args, cache=None, **kwargs):
+    """The reference ChoiceLoss, standing in for CachedChoiceLoss (``cache`` is the cached path's only extra)."""
+    from lm_eval_c3po.remix import ChoiceLoss
+
+    return ChoiceLoss(*args, **kwargs)
+
+
+@contextmanager
+def _timed(obj, name: str, into: dict, key: str):
+    """Accumulate the seconds spent in ``obj.name`` into ``into[key]``."""
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            into[key] = into.get(key, 0.0) + time.perf_counter() - start
+
+    setattr(obj, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(obj, name, original)
+
+
+def make_lm(config: str, model_dir: Path, store: Path, args):
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_c3po.lm_eval_model import C3POLM
+
+    common = dict(pretrained=str(model_dir), device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    if config == "hf":
+        return HFLM(**common)
+    method = "ngd" if config == "ngd_naive" else config
+    extra = {} if method == "base" else {"reference": str(store), "remix_batch_size": args.remix_batch_size}
+    return C3POLM(**common, method=method, **extra)
+
+
+def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_c3po import cached_loss
+
+    _reset_peak_rss()
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    lm = make_lm(config, model_dir, store, args)
+    setup_s = time.perf_counter() - start
+    parts: dict[str, float] = {}
+    remixer = getattr(lm, "_remixer", None)
+    patches = [_timed(lm, "loglikelihood", parts, "loglikelihood_s")]
+    if remixer is not None:
+        patches += [_timed(remixer, "pathways", parts, "remix_s"),
+                    _timed(remixer.embedder, "encode", parts, "embed_s")]
+    if config == "ngd_naive":
+        patches.append(mock.patch.object(cached_loss, "CachedChoiceLoss", _naive_loss))
+    with ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        start = time.perf_counter()
+        out = simple_evaluate(model=lm, tasks=[TASK], task_manager=TaskManager(include_path=str(task_dir)),
+                              batch_size=args.batch_size, bootstrap_iters=0, log_samples=False,
+                              limit=args.questions)
+        seconds = time.perf_counter() - start
+    figures = {"seconds": round(seconds, 3), "setup_s": round(setup_s, 3),
+               "acc": round(out["results"][TASK]["acc,none"], 4),
+               **{k: round(v, 3) for k, v in parts.items()}, **_rss_mib()}
+    if remixer is not None:
+        figures["scoring_s"] = round(figures["loglikelihood_s"] - figures["remix_s"], 3)
+        figures["neighbours_prepared"] = remixer.loss_cache.prepared
+    if args.device.startswith("cuda"):
+        figures["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    del lm
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=300, help="test questions (default 300)")
+    parser.add_argument("--references", type=int, help="reference questions (default 2 x questions)")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the OLMoE-shaped model (default 256)")
+    parser.add_argument("--batch-size", type=int, default=32, help="lm-eval batch_size, the same for every run")
+    parser.add_argument("--remix-batch-size", type=int, default=8,
+                        help="test contexts re-mixed together (c3po's remix_batch_size, default 8)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
+    parser.add_argument("--out", type=Path, help="write the figures to this JSON file")
+    args = parser.parse_args()
+    args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    torch.set_num_threads(args.threads)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown or "hf" not in configs:
+        parser.error(f"--configs must include hf and name only {CONFIGS}; got {configs}")
+
+    import logging
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    references = args.references or 2 * args.questions
+    with tempfile.TemporaryDirectory(prefix="c3po_overhead_") as tmp:
+        tmp = Path(tmp)
+        model_dir = save_model(tmp / "model", args.hidden)
+        (tmp / "tasks").mkdir()
+        write_task(tmp / "tasks", synthetic_docs(args.questions, seed=1))
+        start = time.perf_counter()
+        builder = make_lm("base", model_dir, tmp / "store", args)
+        store = build_store(builder, synthetic_docs(references, seed=2), tmp / "store")
+        del builder
+        store_s = time.perf_counter() - start
+        run_one("hf", model_dir, store, tmp / "tasks", args)  # warm-up: imports, dataset cache, kernels
+        results = {c: run_one(c, model_dir, store, tmp / "tasks", args) for c in configs}
+
+    hf, hf_model = results["hf"]["seconds"], results["hf"]["loglikelihood_s"]
+    for figures in results.values():
+        figures["ratio_to_hf"] = round(figures["seconds"] / hf, 3)
+        # lm.loglikelihood only: without simple_evaluate's fixed task/dataset set-up, which flatters small runs
+        figures["model_ratio_to_hf"] = round(figures["loglikelihood_s"] / hf_model, 3)
+    summary = {
+        "setup": {"questions": args.questions, "references": references, "hidden": args.hidden, "layers": 16,
+                  "experts": 64, "top_k": 8, "batch_size": args.batch_size, "device": args.device,
+                  "dtype": args.dtype, "threads": args.threads,
+                  "remix_batch_size": args.remix_batch_size, "store_build_s": round(store_s, 2),
+                  "torch": torch.__version__},
+        "runs": results,
+    }
+    if "ngd" in results and "ngd_naive" in results:
+        summary["naive_over_cached_ngd"] = round(results["ngd_naive"]["seconds"] / results["ngd"]["seconds"], 2)
+    summary["targets_met"] = {f"{c}<={t}x": results[c]["ratio_to_hf"] <= t for c, t in TARGETS.items()
+                              if c in results}
+    if "naive_over_cached_ngd" in summary:
+        summary["targets_met"]["naive/ngd>=5x"] = summary["naive_over_cached_ngd"] >= 5
+    _print(summary)
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def _print(summary: dict) -> None:
+    print(json.dumps(summary["setup"]))
+    head = (f"{'config':<18}{'seconds':>9}{'x hf':>7}{'model s':>9}{'x hf':>7}{'acc':>7}{'embed s':>9}"
+            f"{'remix s':>9}{'score s':>9}{'peak MiB':>10}")
+    print(head)
+    for name, f in summary["runs"].items():
+        print(f"{name:<18}{f['seconds']:>9.2f}{f['ratio_to_hf']:>7.2f}{f['loglikelihood_s']:>9.2f}"
+              f"{f['model_ratio_to_hf']:>7.2f}{f['acc']:>7.3f}"
+              f"{f.get('embed_s', 0):>9.2f}{f.get('remix_s', 0):>9.2f}{f.get('scoring_s', f['seconds']):>9.2f}"
+              f"{f['peak_rss_mib']:>10.0f}")
+    if "naive_over_cached_ngd" in summary:
+        print(f"naive / cached NGD: {summary['naive_over_cached_ngd']:.2f}x")
+    print("targets:", json.dumps(summary["targets_met"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

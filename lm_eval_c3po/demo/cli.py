@@ -1,0 +1,156 @@
+"""``c3po demo``: the planted-pathway benchmark end to end, offline, in minutes.
+
+The same commands a user runs on a real checkpoint, on a model the project
+builds itself: ``c3po build-reference`` on the reference split, then
+``lm_eval --model c3po`` (through lm-eval's ``simple_evaluate``, results
+written as lm-eval writes them) for each method, plus the oracle through the
+analysis API. It prints a leaderboard-style table and writes ``c3po report``
+tables and pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("base", "mode_finding", "kernel_regression", "ngd")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/c3po-demo", help="working folder (model, data, stores, results)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=("perturbed", "control", "both"), default="both",
+                        help="the router with planted faults, the unperturbed control, or both (default)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
+    parser.add_argument("--no-oracle", dest="oracle", action="store_false", help="skip the oracle upper bound")
+    parser.add_argument("--limit", type=int, default=None, help="test questions per run (default: all 240)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lm_eval_c3po.demo.planted import build_planted
+
+    torch.set_num_threads(1)  # a 4-layer, 64-wide model: threads cost more than they give
+    out = Path(args.out).resolve()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"c3po demo: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    paths = build_planted(out / "planted", seed=args.seed)
+    variants = ["perturbed", "control"] if args.variant == "both" else [args.variant]
+    rows, results_files, diagnostics = [], [], []
+    for variant in variants:
+        model_dir = paths.perturbed_model if variant == "perturbed" else paths.control_model
+        store = _build_store(model_dir, paths.task_dir, out / f"refs-{variant}")
+        for method in methods:
+            row, result_file, diag = _evaluate(model_dir, store, paths.task_dir, out, variant, method, args)
+            rows.append(row)
+            results_files.append(result_file)
+            if diag:
+                diagnostics.append(diag)
+        if args.oracle:
+            rows.append(_oracle(model_dir, paths.test_jsonl, variant, args.limit))
+    table = format_table(rows)
+    print(table)
+    (out / "demo_table.md").write_text(table + "\n")
+    (out / "demo_results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    from lm_eval_c3po.report import write_report
+
+    report = write_report(results_files, out / "report", diagnostics_paths=diagnostics)
+    print(f"\nreport tables and pictures: {out / 'report'} ({len(report.plots)} plots)")
+    return 0
+
+
+def _build_store(model_dir: Path, task_dir: Path, store: Path) -> Path:
+    from lm_eval_c3po.cli import main as c3po
+
+    if not (store / "manifest.json").exists():
+        code = c3po(["build-reference", "--model", str(model_dir), "--model_args", "dtype=float32",
+                     "--device", "cpu", "--batch_size", "32", "--tasks", "planted_ref",
+                     "--include_path", str(task_dir), "--out", str(store)])
+        if code:
+            raise SystemExit(f"c3po demo: building the reference store failed (exit {code})")
+    return store
+
+
+def _evaluate(model_dir, store, task_dir, out: Path, variant: str, method: str, args):
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    diag = out / "diagnostics" / f"{variant}-{method}.jsonl" if method != "base" else None
+    if diag is not None and diag.exists():
+        diag.unlink()
+    model_args = f"pretrained={model_dir},dtype=float32,method={method},seed={args.seed}"
+    if method != "base":
+        model_args += f",reference={store},diagnostics={diag}"
+    start = time.perf_counter()
+    results = simple_evaluate(model="c3po", model_args=model_args, tasks=["planted_test"],
+                              task_manager=TaskManager(include_path=str(task_dir)), device="cpu", batch_size=32,
+                              limit=args.limit, random_seed=args.seed, numpy_random_seed=args.seed,
+                              torch_random_seed=args.seed)
+    seconds = time.perf_counter() - start
+    tracker = EvaluationTracker(output_path=str(out / "results" / f"{variant}-{method}"))
+    tracker.general_config_tracker.model_name = "c3po"
+    tracker.save_results_aggregated(results=results, samples=None)
+    (result_file,) = sorted((out / "results" / f"{variant}-{method}").rglob("results_*.json"))[-1:]
+    metrics = results["results"]["planted_test"]
+    return ({"variant": variant, "method": method, "acc": metrics["acc,none"],
+             "stderr": metrics["acc_stderr,none"], "n": results["n-samples"]["planted_test"]["effective"],
+             "seconds": round(seconds, 1)}, result_file, diag)
+
+
+def _oracle(model_dir, test_jsonl: Path, variant: str, limit: int | None) -> dict:
+    from lm_eval_c3po.lm_eval_model import C3POLM
+
+    start = time.perf_counter()
+    lm = C3POLM(pretrained=str(model_dir), dtype="float32", device="cpu")
+    docs = [json.loads(line) for line in test_jsonl.read_text().splitlines()][:limit]
+    acc = oracle_accuracy(lm, docs)
+    stderr = (acc * (1 - acc) / max(len(docs) - 1, 1)) ** 0.5
+    return {"variant": variant, "method": "oracle", "acc": acc, "stderr": stderr, "n": len(docs),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def oracle_accuracy(lm, docs: list[dict], batch: int = 32, **options) -> float:
+    """Accuracy with each question's oracle pathway (NGD on its own gold loss): an upper bound, never a C3PO score.
+
+    ``docs`` hold ``context``, ``choices`` and ``gold``; choices are continuations after a space.
+    ``options`` are ``--model c3po`` options (steps, layers, ...).
+    """
+    from lm_eval_c3po.config import C3POConfig
+    from lm_eval_c3po.remix import Example, oracle_pathways
+
+    config = C3POConfig.from_model_args(options).resolved_for(lm.routing)
+    requests, examples = [], []
+    for doc in docs:
+        pairs = [((doc["context"], " " + c), *lm._encode_pair(doc["context"], " " + c)) for c in doc["choices"]]
+        requests.extend(pairs)
+        examples.append(Example(pairs[0][1], [p[2] for p in pairs], int(doc["gold"])))
+    pathways = {}
+    for at in range(0, len(examples), batch):
+        chunk = examples[at:at + batch]
+        omega = oracle_pathways(lm.model, lm.routing, config, chunk, lm.max_length)
+        pathways.update({tuple(ex.context): omega[b].unsqueeze(0) for b, ex in enumerate(chunk)})
+    scores = [r[0] for r in lm.loglikelihood_with_pathways(requests, pathways, layers=config.layer_ids)]
+    correct, cursor = 0, 0
+    for doc in docs:
+        n = len(doc["choices"])
+        correct += max(range(n), key=lambda i: scores[cursor + i]) == int(doc["gold"])
+        cursor += n
+    return correct / len(docs)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown leaderboard: accuracy ± stderr, change vs the same variant's base, wall time."""
+    base = {r["variant"]: r["acc"] for r in rows if r["method"] == "base"}
+    lines = ["| variant | method | acc | Δ vs base (points) | n | wall s |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        delta = f"{100 * (r['acc'] - base[r['variant']]):+.1f}" if r["variant"] in base else "–"
+        label = f"{r['method']} (upper bound)" if r["method"] == "oracle" else r["method"]
+        lines.append(f"| {r['variant']} | {label} | {100 * r['acc']:.1f} ± {100 * r['stderr']:.1f} | {delta} "
+                     f"| {r['n']} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
