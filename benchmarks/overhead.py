@@ -41,30 +41,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from _memory import reset_peak_rss, rss_mib  # noqa: E402
+
+from lm_eval_c3po.testing import write_mc_task  # noqa: E402
 
 CONFIGS = ("hf", "base", "mode_finding", "kernel_regression", "ngd", "ngd_naive")
 TARGETS = {"base": 1.05, "mode_finding": 1.3, "kernel_regression": 1.5, "ngd": 3.0}
 TASK = "c3po_overhead_mc"
+REF_TASK = "c3po_overhead_ref"
 _WORDS = ("quick brown fox jumps over lazy dog capital France Paris mammal whale shark trout salmon sun rises "
           "east sets west water boils hundred degrees people spoon eat soup knife cut bread book shelf heavy "
           "question answer which these true false yes no").split()
-
-
-def _rss_mib() -> dict[str, float]:
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return {"rss_mib": round(fields["VmRSS"], 1), "peak_rss_mib": round(fields["VmHWM"], 1)}
-
-
-def _reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def synthetic_docs(n: int, seed: int) -> list[dict]:
@@ -76,23 +63,6 @@ def synthetic_docs(n: int, seed: int) -> list[dict]:
         choices = [" ".join(rng.choices(_WORDS, k=rng.randint(1, 3))) for _ in range(4)]
         docs.append({"question": question, "choices": choices, "answer": rng.randrange(4)})
     return docs
-
-
-def write_task(directory: Path, docs: list[dict]) -> None:
-    data = directory / f"{TASK}.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (directory / f"{TASK}.yaml").write_text(
-        f"task: {TASK}\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
-        'doc_to_choice: "{{choices}}"\n'
-        'doc_to_target: "{{answer}}"\n'
-        "metric_list:\n"
-        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
-    )
 
 
 def save_model(path: Path, hidden: int, seed: int = 0) -> Path:
@@ -110,31 +80,15 @@ def save_model(path: Path, hidden: int, seed: int = 0) -> Path:
     return path
 
 
-def build_store(lm, docs: list[dict], out: Path, chunk: int = 64) -> Path:
-    """A store of every doc (keep=all: a random model's accuracy would leave too few), built as the builder does."""
-    import numpy as np
+def build_store(model_dir: Path, task_dir: Path, out: Path, args) -> Path:
+    """A store of every reference doc (``--keep all``: a random model's accuracy would leave too few)."""
+    from lm_eval_c3po.cli import main
 
-    from lm_eval_c3po.embedding import Embedder
-    from lm_eval_c3po.identity import lm_signature
-    from lm_eval_c3po.store import Record, StoreManifest, StoreWriter
-
-    embedder = Embedder()
-    manifest = StoreManifest(model=lm_signature(lm), embedder=embedder.signature)
-    with StoreWriter(out, manifest, shard_size=256, keep="all") as writer:
-        for start in range(0, len(docs), chunk):
-            part = docs[start:start + chunk]
-            contexts = [f"Question: {d['question']}\nAnswer:" for d in part]
-            requests = [((ctx, " " + c), *lm._encode_pair(ctx, " " + c)) for ctx, d in zip(contexts, part)
-                        for c in d["choices"]]
-            results, routing = lm.loglikelihood_with_routing(requests)
-            embeddings = embedder.encode(contexts)
-            for j, (ctx, d) in enumerate(zip(contexts, part)):
-                mine = slice(4 * j, 4 * j + 4)
-                ll = [r[0] for r in results[mine]]
-                writer.add(Record(task="overhead_ref", doc_id=start + j, question=ctx, choices=d["choices"],
-                                  context_ids=requests[4 * j][1], choice_ids=[r[2] for r in requests[mine]],
-                                  gold=d["answer"], correct=int(np.argmax(ll)) == d["answer"], correct_norm=False,
-                                  routing=routing[4 * j + d["answer"]].numpy(), embedding=embeddings[j]))
+    code = main(["build-reference", "--model", str(model_dir), "--model_args", f"dtype={args.dtype}",
+                 "--device", args.device, "--batch_size", str(args.batch_size), "--tasks", REF_TASK,
+                 "--include_path", str(task_dir), "--keep", "all", "--out", str(out)])
+    if code:
+        raise SystemExit(f"building the reference store failed (exit {code})")
     return out
 
 
@@ -183,7 +137,7 @@ def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> 
 
     from lm_eval_c3po import cached_loss
 
-    _reset_peak_rss()
+    reset_peak_rss()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -207,7 +161,7 @@ def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> 
         seconds = time.perf_counter() - start
     figures = {"seconds": round(seconds, 3), "setup_s": round(setup_s, 3),
                "acc": round(out["results"][TASK]["acc,none"], 4),
-               **{k: round(v, 3) for k, v in parts.items()}, **_rss_mib()}
+               **{k: round(v, 3) for k, v in parts.items()}, **rss_mib()}
     if remixer is not None:
         figures["scoring_s"] = round(figures["loglikelihood_s"] - figures["remix_s"], 3)
         figures["neighbours_prepared"] = remixer.loss_cache.prepared
@@ -245,12 +199,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="c3po_overhead_") as tmp:
         tmp = Path(tmp)
         model_dir = save_model(tmp / "model", args.hidden)
-        (tmp / "tasks").mkdir()
-        write_task(tmp / "tasks", synthetic_docs(args.questions, seed=1))
+        write_mc_task(tmp / "tasks", TASK, synthetic_docs(args.questions, seed=1))
+        write_mc_task(tmp / "tasks", REF_TASK, synthetic_docs(references, seed=2))
         start = time.perf_counter()
-        builder = make_lm("base", model_dir, tmp / "store", args)
-        store = build_store(builder, synthetic_docs(references, seed=2), tmp / "store")
-        del builder
+        store = build_store(model_dir, tmp / "tasks", tmp / "store", args)
         store_s = time.perf_counter() - start
         run_one("hf", model_dir, store, tmp / "tasks", args)  # warm-up: imports, dataset cache, kernels
         results = {c: run_one(c, model_dir, store, tmp / "tasks", args) for c in configs}

@@ -23,16 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _rss_mib() -> dict[str, float]:
-    """Current and peak resident memory of this process, from /proc (no psutil)."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return {"rss_mib": round(fields["VmRSS"], 1), "peak_rss_mib": round(fields["VmHWM"], 1)}
+from _memory import rss_mib
 
 
 def write_phase(out: Path, n: int, shard_size: int) -> dict[str, float]:
@@ -53,12 +44,12 @@ def load_phase(out: Path, queries: int, k: int, threads: int) -> dict[str, float
 
     from lm_eval_c3po.store import ReferenceStore
 
-    before = _rss_mib()["rss_mib"]
+    before = rss_mib()["rss_mib"]
     start = time.perf_counter()
     store = ReferenceStore.load(out)
     load_s = time.perf_counter() - start
     faiss.omp_set_num_threads(threads)
-    memory = _rss_mib()
+    memory = rss_mib()
 
     rng = np.random.default_rng(1)
     rows = rng.integers(0, len(store), size=queries)

@@ -113,9 +113,9 @@ class C3POLM(HFLM):
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        if self.c3po.method == "icl":
+            requests = self._remixer.with_demonstrations(requests)
         if self._remixer is None or self.c3po.method == "icl":
-            if self.c3po.method == "icl":
-                requests = self._remixer.with_demonstrations(requests)
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         contexts = [self.tok_encode(req.args[0]) for req in requests]
         self._pathways = self._remixer.pathways([req.args[0] for req in requests], contexts)

@@ -104,3 +104,32 @@ def save_tiny_model(path: str | Path, family: str = "olmoe", seed: int = 0) -> P
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_mc_task(directory: str | Path, name: str, docs: list[dict]) -> Path:
+    """A local multiple-choice lm-eval task ``name`` (YAML + JSONL) in ``directory`` (an ``--include_path``).
+
+    ``docs`` are ``{"question", "choices", "answer"}`` dicts; the prompt is
+    ``Question: ...\nAnswer:`` and each choice follows after a space.
+    """
+    import json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    (directory / f"{name}.yaml").write_text(
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n"
+        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
+    )
+    return directory
+

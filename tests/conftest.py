@@ -34,27 +34,6 @@ TINY_MC_DOCS = [
 ]
 
 
-def write_mc_task(directory, name: str, docs) -> None:
-    """A local multiple-choice lm-eval task ``name`` (YAML + JSONL) in ``directory``."""
-    import json
-
-    data = directory / f"{name}.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in docs))
-    (directory / f"{name}.yaml").write_text(
-        f"task: {name}\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
-        'doc_to_choice: "{{choices}}"\n'
-        'doc_to_target: "{{answer}}"\n'
-        "metric_list:\n"
-        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
-        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
-    )
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny random OLMoE with the offline tokenizer (``pretrained=`` path)."""
@@ -66,6 +45,20 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_task_dir(tmp_path_factory):
     """An ``--include_path`` folder holding the local multiple-choice task ``tiny_mc``."""
-    directory = tmp_path_factory.mktemp("tasks")
-    write_mc_task(directory, "tiny_mc", TINY_MC_DOCS)
-    return directory
+    from lm_eval_c3po.testing import write_mc_task
+
+    docs = [{"question": q, "choices": c, "answer": a} for q, c, a in TINY_MC_DOCS]
+    return write_mc_task(tmp_path_factory.mktemp("tasks"), "tiny_mc", docs)
+
+
+@pytest.fixture(scope="session")
+def tiny_store_dir(tiny_model_dir, tiny_task_dir, tmp_path_factory):
+    """A reference store of every tiny_mc doc (``--keep all``), built by `c3po build-reference`."""
+    from lm_eval_c3po.cli import main
+
+    out = tmp_path_factory.mktemp("refs") / "tiny"
+    code = main(["build-reference", "--model", str(tiny_model_dir), "--model_args", "dtype=float32",
+                 "--device", "cpu", "--tasks", "tiny_mc", "--include_path", str(tiny_task_dir),
+                 "--keep", "all", "--out", str(out)])
+    assert code == 0
+    return out

@@ -13,27 +13,6 @@ from lm_eval_c3po.config import C3POConfig
 from lm_eval_c3po.remix import ChoiceLoss, Example, Remixer
 
 
-def _build_store(lm, out_dir):
-    """A store of every TINY_MC doc (keep=all), scored and captured the way the builder does."""
-    from lm_eval_c3po.embedding import Embedder
-    from lm_eval_c3po.identity import lm_signature
-    from lm_eval_c3po.store import Record, StoreManifest, StoreWriter
-
-    embedder = Embedder()
-    manifest = StoreManifest(model=lm_signature(lm), embedder=embedder.signature)
-    with StoreWriter(out_dir, manifest, shard_size=4, keep="all") as writer:
-        for i, (question, choices, gold) in enumerate(TINY_MC_DOCS):
-            context = f"Question: {question}\nAnswer:"
-            requests = [((context, " " + c), *lm._encode_pair(context, " " + c)) for c in choices]
-            results, routing = lm.loglikelihood_with_routing(requests)
-            ll = [r[0] for r in results]
-            writer.add(Record(task="tiny_mc", doc_id=i, question=context, choices=choices,
-                              context_ids=requests[0][1], choice_ids=[r[2] for r in requests], gold=gold,
-                              correct=int(np.argmax(ll)) == gold, correct_norm=False, routing=routing[gold].numpy(),
-                              embedding=embedder.encode([context])[0]))
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
     from lm_eval_c3po.lm_eval_model import C3POLM
@@ -42,8 +21,8 @@ def lm(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def store_dir(lm, tmp_path_factory):
-    return _build_store(lm, tmp_path_factory.mktemp("store") / "tiny")
+def store_dir(tiny_store_dir):
+    return tiny_store_dir
 
 
 def _remixer(lm, store_dir, **options) -> Remixer:
