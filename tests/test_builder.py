@@ -19,7 +19,7 @@ import torch
 from lm_eval_c3po.cli import main as c3po
 from lm_eval_c3po.store import ReferenceStore
 
-from conftest import write_mc_task
+from lm_eval_c3po.testing import write_mc_task
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "tests" / "fixtures" / "task_configs_local"
@@ -186,7 +186,7 @@ def test_killed_build_resumes_to_the_uninterrupted_store(arc_store, tiny_model_d
 
 # Every doc offers its gold answer twice and the gold is the second copy: equal log-likelihoods, and
 # argmax (lm-eval's and ours) takes the first, so no model can be right on any of them.
-UNWINNABLE = [(q, [c[a], c[a]], 1) for q, c, a in [
+UNWINNABLE = [{"question": q, "choices": [c[a], c[a]], "answer": 1} for q, c, a in [
     ("What is the capital of France?", ["Paris", "London"], 0),
     ("Which animal is a mammal?", ["trout", "whale"], 1),
     ("Where does the sun rise?", ["west", "east"], 1),
