@@ -113,3 +113,19 @@ def test_core_experts_outside_top_k_and_experts(base_lm):
     for core in (1, base_lm.routing.num_experts + 1):
         with pytest.raises(C3POConfigError, match=r"core_experts=\d+ is outside \[top_k, experts\]"):
             C3POConfig.from_model_args({"core_experts": core}).resolved_for(base_lm.routing)
+
+
+def test_row_plan_follows_lm_evals_left_truncation_and_padding():
+    from lm_eval_c3po.lm_eval_model import RowPlan
+
+    context, continuation = list(range(10, 20)), [7, 8, 9]
+    short = ([3, 4], [5])
+    plan = RowPlan([((("", ""), context, continuation)), (("", ""), *short)], max_length=8)
+    # lm-eval's input: (context + continuation)[-(8 + 1):][:-1] = context[4:] + [7, 8]
+    row = context[4:] + [7, 8]
+    slot = plan.match(row)
+    assert slot.context == tuple(context) and slot.context_len == 6
+    assert row[slot.context_len - 1] == context[-1]  # the re-mixed position is still the last context token
+    padded = [3, 4, 0, 0, 0, 0, 0, 0]  # right padding with zeros, as lm-eval pads a batch
+    assert plan.match(padded).context_len == 2
+    assert plan.match([9, 9, 9]) is None  # a row of no request (e.g. batch-size probing) stays unhooked

@@ -167,3 +167,33 @@ def test_bad_records_are_refused_at_add(tmp_path):
         writer.add(r)
         with pytest.raises(ValueError, match="already added"):
             writer.add(r)
+
+
+def test_disk_full_while_writing_a_shard_keeps_earlier_shards_and_resumes(tmp_path, monkeypatch):
+    import errno
+
+    from lm_eval_c3po.store import shards
+
+    reference = tmp_path / "uninterrupted"
+    build(reference)
+    out = tmp_path / "full"
+    real_write, calls = shards.atomic_write, []
+
+    def fills_up(path, data):
+        calls.append(path)
+        if len(calls) > 5:  # the disk fills up inside the third shard
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(shards, "atomic_write", fills_up)
+    with pytest.raises(OSError, match="No space left"):
+        build(out)
+    monkeypatch.setattr(shards, "atomic_write", real_write)
+    assert not (out / "manifest.json").exists()
+    with StoreWriter(out, manifest(), shard_size=SHARD) as writer:
+        done = writer.done_ids()
+        assert len(done) == 2 * SHARD  # the shards finished before the disk filled stay valid
+        for r in synthetic_records(N, L, E, D):
+            if r.id not in done:
+                writer.add(r)
+    assert files(out) == files(reference)
