@@ -207,16 +207,19 @@ class C3POLM(HFLM):
                 if slot is not None:
                     self._captured.setdefault(slot.context, routing)
             return out
-        omega = torch.stack(
-            [self._pathways[s.context] if s else self._pathways_fallback() for s in slots]
-        )  # [B, P, Lc, E]
-        omega = omega.expand(-1, positions.shape[1], -1, -1) if omega.shape[1] == 1 else omega
+        omega = self._pathway_batch([s.context if s else None for s in slots], positions.shape[1])
         with self.routing.override(positions, omega, layers=self._layers):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
-    def _pathways_fallback(self) -> torch.Tensor:
-        """Any stored pathway: a placeholder for rows whose positions are -1 (never applied)."""
-        return next(iter(self._pathways.values()))
+    def _pathway_batch(self, keys: Sequence[tuple[int, ...] | None], num_positions: int) -> torch.Tensor:
+        """omega ``[B, P, L_crit, E]`` for rows keyed by context ids.
+
+        Rows without a pathway get any stored one as a placeholder: their
+        positions are -1, so the override never applies it.
+        """
+        placeholder = next(iter(self._pathways.values()))
+        omega = torch.stack([self._pathways.get(key, placeholder) for key in keys])
+        return omega.expand(-1, num_positions, -1, -1) if omega.shape[1] == 1 else omega
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         if not self._pathways:
@@ -230,9 +233,8 @@ class C3POLM(HFLM):
         lengths = torch.tensor([max(len(r), 1) for r in rows])
         positions = token_positions(self.c3po.tokens, lengths) + (context.shape[1] - lengths).unsqueeze(1)
         positions[~torch.tensor(known)] = -1
-        omega = torch.stack([self._pathways.get(tuple(r), self._pathways_fallback()) for r in rows])
-        omega = omega.expand(-1, positions.shape[1], -1, -1) if omega.shape[1] == 1 else omega
-        ctx = self.routing.override(positions, omega, layers=self.c3po.layer_ids, first_pass_only=True)
+        omega = self._pathway_batch([tuple(r) for r in rows], positions.shape[1])
+        ctx = self.routing.override(positions, omega, layers=self._layers, first_pass_only=True)
         with ctx if any(known) else nullcontext():
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 

@@ -91,11 +91,9 @@ class ChoiceLoss:
             lls.append(self._log_likelihoods(flat, jobs[start:start + self.max_rows], per))
         ll = torch.cat(lls) if lls else flat.new_zeros(0)
         losses = []
-        cursor = 0
         by_slot: dict[tuple[int, int], list[torch.Tensor]] = {}
-        for g, (b, i, _, _, _, _) in jobs:
-            by_slot.setdefault((b * per + g, i), []).append(ll[cursor])
-            cursor += 1
+        for value, (g, (b, i, *_)) in zip(ll, jobs):
+            by_slot.setdefault((b * per + g, i), []).append(value)
         for b in range(batch):
             for g in range(per):
                 items = self.examples[b]
