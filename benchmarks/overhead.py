@@ -15,12 +15,15 @@ synthetic set. Each configuration evaluates the same task with the same
 Targets (ratios to hf, 2 CPU cores): ngd <= 3.0 (stretch 2.0), kernel_regression
 <= 1.5, mode_finding <= 1.3, base <= 1.05, ngd_naive / ngd >= 5. Per run it also
 reports the time inside ``lm.loglikelihood`` ("model s": without simple_evaluate's
-fixed task set-up, which flatters small runs) and where C3PO's time goes (embedding, the re-mixing itself, scoring), so
-the figures can be read for real model sizes, where the fixed-size sentence
-embedder is negligible next to the LM. Peak RSS is per run (``/proc/self/clear_refs``).
+fixed task set-up, which flatters small runs) and where C3PO's time goes: "embed s"
+(the sentence embedder), "remix s" (retrieval and the method, embedding included)
+and "score s" (the rest: each context's own-pathway pass and the scoring of its
+choices), so the figures can be read for real model sizes, where the fixed-size
+sentence embedder is negligible next to the LM. Peak RSS is per run
+(``/proc/self/clear_refs``).
 
-    python benchmarks/overhead.py --out overhead.json                 # ~300 questions, hidden 256
-    python benchmarks/overhead.py --questions 40 --hidden 128         # a quick look
+    python benchmarks/overhead.py --questions 300 --hidden 128 --out overhead.json
+    python benchmarks/overhead.py --questions 40 --hidden 128 --configs hf,ngd,ngd_naive   # a quick look
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -92,11 +94,23 @@ def build_store(model_dir: Path, task_dir: Path, out: Path, args) -> Path:
     return out
 
 
-def _naive_loss(*args, cache=None, **kwargs):
-    """The reference ChoiceLoss, standing in for CachedChoiceLoss (``cache`` is the cached path's only extra)."""
+@contextmanager
+def _naive_neighbourhood_loss(remixer):
+    """NGD's neighbourhood loss as the reference ChoiceLoss (the full model per call), same examples and weights."""
     from lm_eval_c3po.remix import ChoiceLoss
 
-    return ChoiceLoss(*args, **kwargs)
+    real = remixer.neighbourhood_loss
+
+    def naive(neighbours, weights):
+        cached = real(neighbours, weights)
+        return ChoiceLoss(cached.model, cached.routing, cached.layer_ids, cached.tokens, cached.examples,
+                          cached.weights, remixer.max_length)
+
+    remixer.neighbourhood_loss = naive
+    try:
+        yield
+    finally:
+        del remixer.neighbourhood_loss
 
 
 @contextmanager
@@ -135,8 +149,6 @@ def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from lm_eval_c3po import cached_loss
-
     reset_peak_rss()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -147,10 +159,10 @@ def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> 
     remixer = getattr(lm, "_remixer", None)
     patches = [_timed(lm, "loglikelihood", parts, "loglikelihood_s")]
     if remixer is not None:
-        patches += [_timed(remixer, "pathways", parts, "remix_s"),
+        patches += [_timed(remixer, "_remix", parts, "remix_s"),
                     _timed(remixer.embedder, "encode", parts, "embed_s")]
     if config == "ngd_naive":
-        patches.append(mock.patch.object(cached_loss, "CachedChoiceLoss", _naive_loss))
+        patches.append(_naive_neighbourhood_loss(remixer))
     with ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
@@ -163,7 +175,7 @@ def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> 
                "acc": round(out["results"][TASK]["acc,none"], 4),
                **{k: round(v, 3) for k, v in parts.items()}, **rss_mib()}
     if remixer is not None:
-        figures["scoring_s"] = round(figures["loglikelihood_s"] - figures["remix_s"], 3)
+        figures["scoring_s"] = round(figures["loglikelihood_s"] - figures.get("remix_s", 0.0), 3)
         figures["neighbours_prepared"] = remixer.loss_cache.prepared
     if args.device.startswith("cuda"):
         figures["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

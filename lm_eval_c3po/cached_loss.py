@@ -22,6 +22,13 @@ neighbours live in a bounded LRU (:class:`PrefixCache`) that a Remixer shares
 across its loss objects, so a reference that is a neighbour of several test
 contexts is prepared once.
 
+The same machinery scores lm-eval's test contexts (:meth:`CachedChoiceLoss.own_routing`,
+:meth:`CachedChoiceLoss.row_scores`): one prepared pass per context yields its own
+pathway (the routing at its last token, no override) and, once omega* is
+known, the log-likelihood of every choice at the cost of its suffix. Rows
+whose suffix is a leading run of another row's (single-token answers: every
+choice's suffix is just the last context token) are read off that row's pass.
+
 Batches put every row's prefix at the *left* of the key axis (left padding,
 as in generation) and its suffix after it, so transformers' standard
 2-D-padding causal mask applies unchanged.
@@ -45,7 +52,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from lm_eval_c3po.remix import ChoiceLoss, Example
-from lm_eval_c3po.routing import RoutingController, token_positions
+from lm_eval_c3po.routing import RoutingController, input_device, token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +167,11 @@ class CachedChoiceLoss(ChoiceLoss):
         self._index = {row[:3]: n for n, row in enumerate(self._rows)}
         self._batch: _SuffixBatch | None = None
 
+    def _suffix_batch(self) -> _SuffixBatch:
+        if self._batch is None:
+            self._batch = self._assemble()
+        return self._batch
+
     # -- the parent's hook ----------------------------------------------------
 
     def _log_likelihoods(self, flat: torch.Tensor, jobs, per: int) -> torch.Tensor:
@@ -168,21 +180,69 @@ class CachedChoiceLoss(ChoiceLoss):
             parts = [super(CachedChoiceLoss, self)._log_likelihoods(flat, jobs[s:s + size], per)
                      for s in range(0, len(jobs), size)]
             return torch.cat(parts) if parts else flat.new_zeros(0)
-        if self._batch is None:
-            self._batch = self._assemble()
-        batch = self._batch
         rows = torch.tensor([self._index[row[:3]] for _, row in jobs], dtype=torch.long)
         owner = torch.tensor([row[0] * per + g for g, row in jobs], dtype=torch.long)
-        order = torch.argsort(batch.suffix_len[rows], descending=True, stable=True)
-        out = flat.new_zeros(len(jobs), dtype=torch.float32)
+        return self._scores(rows, owner, flat)[0]
+
+    # -- scoring the examples themselves (lm-eval's test contexts) ------------
+
+    def own_routing(self) -> torch.Tensor:
+        """Each context's own routing ``[B, L_crit, E]`` at its last context token (no override).
+
+        Read from the first choice's prepared suffix, so scoring the choices
+        afterwards (:meth:`row_scores`) reuses this pass's prefix instead of
+        running the context again.
+        """
+        self._require_fast()
+        first = torch.tensor([self._index[(b, 0, 0)] for b in range(len(self.examples))], dtype=torch.long)
+        with torch.no_grad():
+            return self._suffix_batch().own_routing(self, first)
+
+    def row_scores(self, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """lm-eval's ``(log-likelihood, is_greedy)`` of every row with context b's ``omega[b]`` written in.
+
+        Rows are in ``self._rows`` order: (context, example, choice).
+        """
+        self._require_fast()
+        rows = torch.arange(len(self._rows))
+        owner = torch.tensor([row[0] for row in self._rows], dtype=torch.long)
+        with torch.no_grad():
+            return self._scores(rows, owner, omega, greedy=True)
+
+    def _require_fast(self) -> None:
+        if not self._fast:
+            raise RuntimeError("scoring from prepared suffixes needs a model on the prefix-cached path")
+
+    def _scores(self, rows: torch.Tensor, owner: torch.Tensor, flat: torch.Tensor, greedy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-likelihood (and greedy flag) of ``rows`` under pathway ``flat[owner]``.
+
+        Rows whose suffix is a prefix of another row's (same prefix, same
+        pathway) are read off that row's pass: with single-token answers all
+        choices of a context share one row.
+        """
+        batch = self._suffix_batch()
+        total = len(batch.suffix_len)
+        compute = batch.compute_row[rows]
+        unique, member_of = torch.unique(owner * total + compute, return_inverse=True)
+        u_owner, u_row = unique // total, unique % total
+        order = torch.argsort(batch.suffix_len[u_row], descending=True, stable=True)
+        ll = flat.new_zeros(len(rows), dtype=torch.float32)
+        is_greedy = torch.zeros(len(rows), dtype=torch.bool) if greedy else None
         start = 0
         while start < len(order):
-            width = int(batch.suffix_len[rows[order[start]]])
-            count = batch.rows_per_chunk(self._budget_rows, width, len(self.model.model.layers))
-            take = order[start:start + count]
-            out = out.index_put((take.to(out.device),), batch.score(self, rows[take], flat[owner[take]]))
-            start += count
-        return out
+            width = int(batch.suffix_len[u_row[order[start]]])
+            take = order[start:start + batch.rows_per_chunk(self._budget_rows, width, len(self.model.model.layers))]
+            hidden = batch.run(self, u_row[take], flat[u_owner[take]])
+            slot = torch.full((len(unique),), -1, dtype=torch.long)
+            slot[take] = torch.arange(len(take))
+            members = (slot[member_of] >= 0).nonzero().squeeze(1)
+            part_ll, part_greedy = batch.answers(self, hidden, slot[member_of[members]], rows[members])
+            ll = ll.index_put((members.to(ll.device),), part_ll)
+            if is_greedy is not None:
+                is_greedy[members] = part_greedy.cpu()
+            start += len(take)
+        return ll, is_greedy
 
     # -- preparation ----------------------------------------------------------
 
@@ -277,7 +337,7 @@ def _prepare(model, first: int, examples: list[list[tuple[list[int], int]]], bud
     ``budget_rows`` rows.
     """
     inner = model.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     num_layers = len(inner.layers)
     prefixes: dict[tuple[int, ...], int] = {}
     for rows in examples:
@@ -355,6 +415,8 @@ class _SuffixBatch:
     group: torch.Tensor  # [R] index into the prefix groups of kv
     kv: list[KV]  # per layer d0..: [U, heads, P_max, dim] left-padded prefix keys/values
     positions: torch.Tensor  # [R, P] overridden positions, in suffix coordinates
+    last_context: torch.Tensor  # [R] the last context token, in suffix coordinates
+    compute_row: torch.Tensor  # [R] the row whose pass also yields this row's (see _compute_rows)
     score_start: torch.Tensor  # [R] first scored token of each row in score_pos / targets
     score_count: torch.Tensor  # [R] its number of answer tokens
     score_pos: torch.Tensor  # [T] position of each scored token, in suffix coordinates
@@ -367,9 +429,9 @@ class _SuffixBatch:
         group_ids: dict[tuple[int, int], int] = {}
         group_kv: list[list[KV]] = []
         hidden, suffix_len, prefix_len, group, positions = [], [], [], [], []
-        score_pos, targets = [], []
+        score_pos, targets, last_context, suffixes = [], [], [], []
         entry_ids = {}
-        for b, i, c, _, ctx_len, cont_len in loss._rows:
+        for b, i, c, whole, ctx_len, cont_len in loss._rows:
             example = loss.examples[b][i]
             key = loss._key(example)
             entry = entries[key]
@@ -384,6 +446,8 @@ class _SuffixBatch:
             group.append(gid)
             positions.append(token_positions(loss.tokens, [ctx_len])[0] - p0)
             start = ctx_len - 1 - p0
+            last_context.append(start)
+            suffixes.append((gid, tuple(positions[-1].tolist()), tuple(whole[p0:])))
             score_pos += range(start, start + cont_len)
             targets += [int(t) for t in example.choices[c]]
         width = max(suffix_len)
@@ -398,6 +462,7 @@ class _SuffixBatch:
         return cls(
             hidden=padded, suffix_len=torch.tensor(suffix_len), prefix_len=torch.tensor(prefix_len),
             group=torch.tensor(group), kv=kv, positions=torch.stack(positions),
+            last_context=torch.tensor(last_context), compute_row=_compute_rows(suffixes),
             score_count=counts, score_start=counts.cumsum(0) - counts,
             score_pos=torch.tensor(score_pos, device=device),
             targets=torch.tensor(targets, device=device), full_width=max(len(row[3]) for row in loss._rows),
@@ -409,29 +474,61 @@ class _SuffixBatch:
         kv_rows = tokens * num_layers // max(self.kv[0][0].shape[2] * len(self.kv), 1)
         return max(1, min(tokens // max(width, 1), kv_rows))
 
-    def score(self, loss: CachedChoiceLoss, rows: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-        """Summed answer log-likelihood of ``rows`` with ``omega [n, Lc, E]`` written in (differentiable)."""
+    def run(self, loss: CachedChoiceLoss, rows: torch.Tensor, omega: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states ``[n, S, H]`` of ``rows`` through the critical layers, with ``omega [n, Lc, E]``
+        written in (differentiable) or, for ``None``, the model's own routing."""
         model = loss.model
-        device = self.hidden.device
         width = int(self.suffix_len[rows].max())
         pad = int(self.prefix_len[rows].max())
         full = self.kv[0][0].shape[2]
-        idx = rows.to(device)
-        groups = self.group[rows].to(device)
+        groups = self.group[rows].to(self.hidden.device)
         kv = [(k.index_select(0, groups)[:, :, full - pad:], v.index_select(0, groups)[:, :, full - pad:])
               for k, v in self.kv]
-        hidden = self.hidden.index_select(0, idx)[:, :width]
+        hidden = self.hidden.index_select(0, rows.to(self.hidden.device))[:, :width]
+        layers = (loss._first, len(model.model.layers))
+        if omega is None:
+            return _run_layers(model, hidden, kv, self.prefix_len[rows], *layers)
         positions = self.positions[rows]
         omega = omega.unsqueeze(1).expand(-1, positions.shape[1], -1, -1)
-        first = loss._first
         with loss.routing.override(positions, omega, layers=loss.layer_ids):
-            hidden = _run_layers(model, hidden, kv, self.prefix_len[rows], first, len(model.model.layers))
-        # Only the answer positions reach the (vocabulary-wide) head; a row may appear once per candidate.
+            return _run_layers(model, hidden, kv, self.prefix_len[rows], *layers)
+
+    def own_routing(self, loss: CachedChoiceLoss, rows: torch.Tensor) -> torch.Tensor:
+        """The routing ``[n, Lc, E]`` of ``rows`` at their last context token, captured from :meth:`run`."""
+        with loss.routing.capture(self.last_context[rows].unsqueeze(1), layers=loss.layer_ids) as cap:
+            self.run(loss, rows, None)
+        return cap.routing[:, 0].float()
+
+    def answers(self, loss: CachedChoiceLoss, hidden: torch.Tensor, local: torch.Tensor, rows: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed answer log-likelihood and lm-eval's greedy flag of ``rows``, read from ``hidden[local]``.
+
+        Only the answer positions reach the (vocabulary-wide) head.
+        """
+        model = loss.model
+        device = hidden.device
         counts = self.score_count[rows].to(device)
         which = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
         within = torch.arange(len(which), device=device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
         token = self.score_start[rows].to(device).repeat_interleave(counts) + within
-        states = model.model.norm(hidden[which, self.score_pos[token]])
-        logprobs = torch.log_softmax(model.lm_head(states).float(), dim=-1)
-        token_ll = logprobs.gather(-1, self.targets[token].unsqueeze(-1)).squeeze(-1)
-        return torch.zeros(len(rows), device=device).index_add(0, which, token_ll)
+        states = model.model.norm(hidden[local.to(device)[which], self.score_pos[token]])
+        logits = model.lm_head(states).float()
+        targets = self.targets[token]
+        token_ll = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        missed = torch.zeros(len(rows), device=device).index_add(0, which, (logits.argmax(-1) != targets).float())
+        return torch.zeros(len(rows), device=device).index_add(0, which, token_ll), missed == 0
+
+
+def _compute_rows(suffixes: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]]) -> torch.Tensor:
+    """For each row, a row with the same prefix group and overridden positions whose suffix starts with
+    this row's suffix: attention is causal, so that row's pass holds this row's hidden states too."""
+    order = sorted(range(len(suffixes)), key=lambda r: -len(suffixes[r][2]))
+    found: dict[tuple, int] = {}  # (group, positions, a leading run of some suffix) -> that suffix's row
+    out = torch.empty(len(suffixes), dtype=torch.long)
+    for r in order:
+        group, positions, tokens = suffixes[r]
+        key = (group, positions, tokens)
+        out[r] = found.setdefault(key, r)
+        for end in range(1, len(tokens)):
+            found.setdefault((group, positions, tokens[:end]), int(out[r]))
+    return out

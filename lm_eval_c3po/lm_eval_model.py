@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from lm_eval.models.huggingface import HFLM
 
+from lm_eval_c3po import distributed
 from lm_eval_c3po.config import C3POConfig
 from lm_eval_c3po.routing import RoutingController, token_positions
 
@@ -79,7 +80,10 @@ class C3POLM(HFLM):
     def __init__(self, pretrained, **kwargs) -> None:
         c3po_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in C3POConfig.field_names()}
         self.c3po = C3POConfig.from_model_args(c3po_kwargs)
+        distributed.request_cpu_process_group()  # data-parallel on CPU processes; GPUs stay HFLM's
         super().__init__(pretrained=pretrained, **kwargs)
+        distributed.join_cpu_processes(self)
+        self.c3po = distributed.per_rank_diagnostics(self.c3po, self.rank, self.world_size)
         self.routing = RoutingController(self.model)
         self.c3po = self.c3po.resolved_for(self.routing)
         self._plan: RowPlan | None = None
@@ -118,7 +122,8 @@ class C3POLM(HFLM):
         if self._remixer is None or self.c3po.method == "icl":
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         contexts = [self.tok_encode(req.args[0]) for req in requests]
-        self._pathways = self._remixer.pathways([req.args[0] for req in requests], contexts)
+        self._pathways = self._remixer.pathways([req.args[0] for req in requests], contexts,
+                                                progress=self._progress(disable_tqdm))
         try:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         finally:
@@ -131,12 +136,39 @@ class C3POLM(HFLM):
         for (context, _), context_enc, _ in requests:
             texts.setdefault(tuple(context_enc), context)
         keys = list(texts)
-        self._pathways = self._remixer.pathways([texts[k] for k in keys], [list(k) for k in keys])
+        progress = self._progress(disable_tqdm)
+        if self._remixer.scores_from_capture(max(len(cont) for _, _, cont in requests)):
+            return self._score_from_capture(requests, texts, progress)
+        self._pathways = self._remixer.pathways([texts[k] for k in keys], [list(k) for k in keys], progress)
         try:
             with self._planned(requests):
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
             self._pathways = {}
+
+    def _progress(self, disable_tqdm: bool) -> bool:
+        return not disable_tqdm and self.rank == 0  # HFLM's rule for its own bars
+
+    def _score_from_capture(self, requests, texts: dict[tuple[int, ...], str], progress: bool
+                            ) -> list[tuple[float, bool]]:
+        """Score each context's continuations from the pass that reads its own pathway (Remixer.score).
+
+        The numbers are those of HFLM's padded batches with the hook (same
+        rows, same truncation) up to float rounding; each result goes to
+        lm-eval's ``--use_cache`` hook as HFLM does.
+        """
+        members: dict[tuple[int, ...], list[int]] = {key: [] for key in texts}
+        for n, (_, context_enc, _) in enumerate(requests):
+            members[tuple(context_enc)].append(n)
+        keys = list(members)
+        scores = self._remixer.score([texts[k] for k in keys], [list(k) for k in keys],
+                                     [[requests[n][2] for n in members[k]] for k in keys], progress)
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for key, per_context in zip(keys, scores):
+            for n, answer in zip(members[key], per_context):
+                results[n] = answer
+                self.cache_hook.add_partial("loglikelihood", requests[n][0], answer)
+        return results
 
     # -- routing-aware scoring for the reference builder ----------------------
 

@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from lm_eval_c3po import methods
 from lm_eval_c3po.config import C3POConfig
-from lm_eval_c3po.routing import RoutingController, token_positions
+from lm_eval_c3po.routing import RoutingController, input_device, token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ChoiceLoss:
         self.model, self.routing, self.layer_ids, self.tokens = model, routing, list(layer_ids), tokens
         self.examples, self.max_rows = examples, max_rows
         self.weights = weights.float()
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         # One row per (context b, example i, choice c): lm-eval's causal input layout.
         self._rows: list[tuple[int, int, int, list[int], int, int]] = []
         for b, items in enumerate(examples):
@@ -140,7 +140,7 @@ def own_pathways(model, routing: RoutingController, layer_ids: Sequence[int], co
         ids[b, : len(c)] = torch.tensor(c)
     positions = token_positions("last", [len(c) for c in contexts])
     with torch.no_grad(), routing.capture(positions, layers=layer_ids) as cap:
-        model(ids.to(next(model.parameters()).device))
+        model(ids.to(input_device(model)))
     return cap.routing[:, 0].float()
 
 
@@ -180,7 +180,7 @@ class Remixer:
         self.simplex = routing.routing_kind == "softmax"
         self.layer_ids = list(config.layer_ids)
         self.kernel = "matern1.5" if config.kernel == "matern" else config.kernel
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         if config.k > len(store):
             raise ValueError(
                 f"k={config.k} neighbours asked for, but the reference store holds only {len(store)} "
@@ -206,29 +206,71 @@ class Remixer:
 
     # -- the pathway of every context -----------------------------------------
 
-    def pathways(self, texts: Sequence[str], contexts: Sequence[Sequence[int]]) -> dict[tuple[int, ...], torch.Tensor]:
+    def pathways(self, texts: Sequence[str], contexts: Sequence[Sequence[int]], progress: bool = True
+                 ) -> dict[tuple[int, ...], torch.Tensor]:
         """omega* ``[1, L_crit, E]`` per distinct context (keyed by its token ids)."""
-        torch.manual_seed(self.config.seed)
         out: dict[tuple[int, ...], torch.Tensor] = {}
-        size = self.config.remix_batch_size
-        bar = tqdm(total=len(contexts), desc=f"C3PO re-mixing ({self.config.method})", unit="ctx")
-        for start in range(0, len(contexts), size):
-            chunk_texts = list(texts[start:start + size])
-            chunk_ctx = [list(c) for c in contexts[start:start + size]]
-            omega, diagnostics = self._remix(chunk_texts, chunk_ctx)
+        for part in self._chunks(len(contexts), "re-mixing", progress):
+            chunk_ctx = [list(c) for c in contexts[part]]
+            omega, diagnostics = self._remix(list(texts[part]), chunk_ctx)
             for b, context in enumerate(chunk_ctx):
                 out[tuple(context)] = omega[b].unsqueeze(0)
             self._write_diagnostics(diagnostics)
-            bar.update(len(chunk_ctx))
-        bar.close()
         return out
+
+    def score(self, texts: Sequence[str], contexts: Sequence[Sequence[int]],
+              continuations: Sequence[Sequence[Sequence[int]]], progress: bool = True
+              ) -> list[list[tuple[float, bool]]]:
+        """lm-eval's ``(log-likelihood, is_greedy)`` of each context's continuations under its omega*.
+
+        One prefix pass per context serves both its own pathway (the routing at
+        its last token) and the scoring of all its continuations, which then
+        costs only the last context token and the answer tokens (see
+        :mod:`lm_eval_c3po.cached_loss`). Needs :meth:`scores_from_capture`.
+        """
+        from lm_eval_c3po.cached_loss import CachedChoiceLoss, PrefixCache
+
+        out: list[list[tuple[float, bool]]] = []
+        for part in self._chunks(len(contexts), "re-mixing and scoring", progress):
+            chunk_ctx = [list(c) for c in contexts[part]]
+            examples = [[Example(ctx, [list(c) for c in conts], 0)]
+                        for ctx, conts in zip(chunk_ctx, continuations[part])]
+            scorer = CachedChoiceLoss(self.model, self.routing, self.layer_ids, self.config.tokens, examples,
+                                      torch.ones(len(examples), 1), self.max_length, cache=PrefixCache())
+            omega, diagnostics = self._remix(list(texts[part]), chunk_ctx, scorer.own_routing())
+            ll, greedy = scorer.row_scores(omega)
+            cursor = 0
+            for conts in continuations[part]:
+                out.append([(float(ll[cursor + c]), bool(greedy[cursor + c])) for c in range(len(conts))])
+                cursor += len(conts)
+            self._write_diagnostics(diagnostics)
+        return out
+
+    def _chunks(self, total: int, what: str, progress: bool) -> Iterator[slice]:
+        """``remix_batch_size`` contexts at a time under a progress bar, from the configured seed."""
+        torch.manual_seed(self.config.seed)
+        size = self.config.remix_batch_size
+        with tqdm(total=total, desc=f"C3PO {what} ({self.config.method})", unit="ctx", disable=not progress) as bar:
+            for start in range(0, total, size):
+                yield slice(start, start + size)
+                bar.update(min(size, total - start))
+
+    def scores_from_capture(self, max_continuation: int) -> bool:
+        """Whether :meth:`score` applies: a re-mixing method, a model on the prefix-cached path, and
+        continuations short enough that lm-eval's truncation leaves a context token."""
+        from lm_eval_c3po.cached_loss import fast_path_applies
+
+        return (self.config.method in ("mode_finding", "kernel_regression", "ngd")
+                and max_continuation < self.max_length
+                and fast_path_applies(self.model, self.routing, self.layer_ids, self.max_length))
 
     def own_pathways(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
         return own_pathways(self.model, self.routing, self.layer_ids, contexts, self.max_length)
 
-    def _remix(self, texts: list[str], contexts: list[list[int]]):
+    def _remix(self, texts: list[str], contexts: list[list[int]], omega0: torch.Tensor | None = None):
         cfg = self.config
-        omega0 = self.own_pathways(contexts)
+        if omega0 is None:
+            omega0 = self.own_pathways(contexts)
         free = methods.core_expert_mask(omega0, cfg.core_experts, self.routing.top_k)
         neighbours, weights = self._neighbours(texts)
         info: dict = {"alpha": [None] * len(contexts), "loss": [[] for _ in contexts]}

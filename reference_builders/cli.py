@@ -5,20 +5,30 @@
 Loads the model as ``--model c3po`` (method=base, i.e. ``--model hf``'s
 numbers), scores every doc of the reference tasks, keeps the ones it answers
 right (``--keep``), and writes their pathways and question embeddings to
-``--out``. Rerunning an interrupted command resumes it.
+``--out``. Rerunning an interrupted command resumes it. Launched on several
+processes (``accelerate launch --multi_gpu --num_processes N -m
+lm_eval_c3po.cli build-reference ...`` or ``torchrun --nproc_per_node N``),
+the processes share the docs and rank 0 merges their parts into the same
+store (see :mod:`reference_builders.distributed`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lm_eval_c3po.embedding import DEFAULT_EMBEDDER
 from lm_eval_c3po.store import KEEP_POLICIES
 from reference_builders.errors import BuildError
 from reference_builders.presets import PRESETS
+
+if TYPE_CHECKING:  # the heavy modules load only when a build runs, so --help stays instant
+    from lm_eval_c3po.store import StoreManifest
+    from reference_builders.harvest import Harvester
+    from reference_builders.tasks import DocRequests
 
 # lm-eval's default few-shot sampler seed (lm_eval.defaults.DEFAULT_OTHER_SEED), so prompts match `lm_eval`.
 DEFAULT_FEWSHOT_SEED = 1234
@@ -34,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  c3po build-reference --model allenai/OLMoE-1B-7B-0125 --preset arc --out refs/arc\n"
         "  c3po build-reference --model path/to/moe --model_args dtype=bfloat16 \\\n"
         "      --tasks c3po_ref_sciq,c3po_ref_openbookqa --limit 1000 --out refs/sci\n\n"
-        "An interrupted build resumes when the same command is run again."
+        "  accelerate launch --multi_gpu --num_processes 4 -m lm_eval_c3po.cli build-reference \\\n"
+        "      --model allenai/OLMoE-1B-7B-0125 --preset arc --out refs/arc   # 4 processes share the docs\n\n"
+        "An interrupted build resumes when the same command is run again (with the same number of processes)."
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -103,20 +115,23 @@ def _default_device() -> str:
 
 
 def build(args: argparse.Namespace) -> int:
-    """Load tasks, model and embedder, harvest into the store, print the per-task counts."""
+    """Load tasks, model and embedder, harvest into the store (in parts when launched several times), report."""
     import lm_eval
 
     from lm_eval_c3po.embedding import Embedder
     from lm_eval_c3po.identity import lm_signature
     from lm_eval_c3po.lm_eval_model import C3POLM
-    from lm_eval_c3po.store import StoreManifest, StoreWriter
-    from reference_builders.harvest import Harvester, harvest
+    from lm_eval_c3po.store import StoreManifest
+    from reference_builders.distributed import build_in_parts, check_parts, join
+    from reference_builders.harvest import Harvester
     from reference_builders.presets import requested_tasks
     from reference_builders.tasks import doc_requests, include_paths, load_tasks
 
     names = requested_tasks(args.tasks, args.preset)
     model_args = _model_args(args.model_args)
     _check_sizes(args)
+    launch = join()
+    check_parts(Path(args.out), launch.world)
     tasks = load_tasks(names, include_paths(args.include_path), {"pretrained": args.model, **model_args}, args.seed)
     stream = [doc for name, task in tasks.items() for doc in doc_requests(name, task, args.limit)]
     if not stream:
@@ -124,7 +139,7 @@ def build(args: argparse.Namespace) -> int:
 
     device = args.device or _default_device()
     lm = C3POLM(pretrained=args.model, method="base", device=device, batch_size=args.batch_size, **model_args)
-    embedder = Embedder(args.embedder, device=device)
+    embedder = Embedder(args.embedder, device=str(lm.device))  # under a launcher: this rank's device
     base = StoreManifest(
         model=lm_signature(lm),
         embedder=embedder.signature,
@@ -138,16 +153,43 @@ def build(args: argparse.Namespace) -> int:
             "lm_eval": lm_eval.__version__,
         },
     )
-    writer = StoreWriter(args.out, base, shard_size=args.shard_size, keep=args.keep, overwrite=args.overwrite)
-    with writer:
-        harvest(stream, Harvester(lm, embedder), writer, args.shard_size)
-        manifest = writer.close()
-    print(f"reference store {Path(args.out)}: {manifest.num_records} records for {manifest.model.describe()}")
+    harvester = Harvester(lm, embedder)
+    settings = dict(shard_size=args.shard_size, keep=args.keep, overwrite=args.overwrite)
+    if launch.world == 1:
+        manifest = _build_here(stream, harvester, base, Path(args.out), **settings)
+    else:
+        manifest = build_in_parts(stream, harvester, base, Path(args.out), launch=launch, **settings)
+    if manifest is not None:
+        _report(Path(args.out), manifest, launch.world)
+    return 0
+
+
+def _build_here(
+    stream: Sequence[DocRequests],
+    harvester: Harvester,
+    base: StoreManifest,
+    out: Path,
+    *,
+    shard_size: int,
+    keep: str,
+    overwrite: bool,
+) -> StoreManifest:
+    """The single-process build: harvest straight into ``out``."""
+    from lm_eval_c3po.store import StoreWriter
+    from reference_builders.harvest import harvest
+
+    with StoreWriter(out, base, shard_size=shard_size, keep=keep, overwrite=overwrite) as writer:
+        harvest(stream, harvester, writer, shard_size)
+        return writer.close()
+
+
+def _report(out: Path, manifest: StoreManifest, processes: int) -> None:
+    by = f" (harvested by {processes} processes)" if processes > 1 else ""
+    print(f"reference store {out}: {manifest.num_records} records for {manifest.model.describe()}{by}")
     for task, counts in manifest.sources.items():
         print(
             f"  {task}: kept {counts.kept} of {counts.seen}  acc {counts.accuracy:.4f}  acc_norm {counts.acc_norm:.4f}"
         )
-    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -60,7 +60,7 @@ class Harvester:
         results, routing = self.lm.loglikelihood_with_routing(requests)
         embeddings = self.embedder.encode([doc.question for doc in docs])
         out, start = [], 0
-        for doc, embedding in zip(docs, embeddings):
+        for doc, embedding in zip(docs, embeddings, strict=True):
             stop = start + len(doc.arguments)
             verdict = judge([ll for ll, _ in results[start:stop]], doc.choices, doc.gold)
             gold = start + doc.gold
@@ -91,16 +91,30 @@ def batches(stream: Sequence[DocRequests], shard_size: int) -> Iterator[Sequence
             yield shard[start : start + DOCS_PER_CALL]
 
 
-def harvest(stream: Sequence[DocRequests], harvester: Harvester, writer: StoreWriter, shard_size: int) -> None:
-    """Score every doc of ``stream`` not yet in a finished shard and add it to ``writer``, with a progress bar."""
+def harvest(
+    stream: Sequence[DocRequests],
+    harvester: Harvester,
+    writer: StoreWriter,
+    shard_size: int,
+    *,
+    tag: str = "",
+    progress_bar: bool = True,
+) -> None:
+    """Score every doc of ``stream`` not yet in a finished shard and add it to ``writer``.
+
+    ``tag`` prefixes the messages (a rank's, in a multi-process build, where
+    only one rank draws the progress bar so the bars do not overwrite each other).
+    """
     from tqdm.auto import tqdm
 
     done = writer.done_ids()
     resumed = sum(doc.id in done for doc in stream)
     kept = 0
-    with tqdm(total=len(stream), initial=resumed, unit="doc", desc="harvesting", dynamic_ncols=True) as bar:
+    hidden = {} if progress_bar else {"disable": True}  # when shown, TQDM_DISABLE still applies
+    with tqdm(total=len(stream), initial=resumed, unit="doc", desc=f"{tag}harvesting", dynamic_ncols=True,
+              **hidden) as bar:
         if resumed:
-            bar.write(f"resuming: {resumed} of {len(stream)} docs are in finished shards")
+            tqdm.write(f"{tag}resuming: {resumed} of {len(stream)} docs are in finished shards")
         for batch in batches(stream, shard_size):
             todo = [doc for doc in batch if doc.id not in done]
             if todo:

@@ -106,7 +106,7 @@ def test_same_seed_same_numbers(lm, store_dir):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_lm_eval_batch_size_does_not_change_loglikelihoods(tiny_model_dir, store_dir):
+def test_batch_sizes_do_not_change_loglikelihoods(tiny_model_dir, store_dir):
     from lm_eval.api.instance import Instance
 
     from lm_eval_c3po.lm_eval_model import C3POLM
@@ -116,9 +116,9 @@ def test_lm_eval_batch_size_does_not_change_loglikelihoods(tiny_model_dir, store
         for c in choices:
             requests.append(Instance("loglikelihood", {}, (f"Question: {question}\nAnswer:", " " + c), i))
     results = {}
-    for batch_size in (1, 5):
+    for batch_size, remix_batch_size in ((1, 1), (5, 3)):
         model = C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=batch_size,
-                       method="ngd", reference=str(store_dir))
+                       method="ngd", reference=str(store_dir), remix_batch_size=remix_batch_size)
         results[batch_size] = np.array([r[0] for r in model.loglikelihood(requests, disable_tqdm=True)])
     assert np.abs(results[1] - results[5]).max() <= 1e-5
 
@@ -196,8 +196,8 @@ def test_use_cache_resumes_and_refuses_other_settings(tiny_model_dir, tiny_task_
     from lm_eval_c3po.remix import Remixer
 
     calls = []
-    real = Remixer.pathways
-    monkeypatch.setattr(Remixer, "pathways", lambda self, *a: calls.append(1) or real(self, *a))
+    real = Remixer._remix
+    monkeypatch.setattr(Remixer, "_remix", lambda self, *a: calls.append(1) or real(self, *a))
     cache = str(tmp_path / "cache" / "c3po")
     tasks = TaskManager(include_path=str(tiny_task_dir))
 
@@ -215,3 +215,54 @@ def test_use_cache_resumes_and_refuses_other_settings(tiny_model_dir, tiny_task_
     assert again["results"]["tiny_mc"]["acc,none"] == first["results"]["tiny_mc"]["acc,none"]
     with pytest.raises(CacheSettingsError, match="differing: c3po"):
         run(k=2)
+
+
+@pytest.mark.parametrize("method", ["mode_finding", "ngd"])
+def test_scoring_from_the_capture_pass_equals_hooked_lm_eval_batches(lm, store_dir, method):
+    """The fast path (one prefix pass per context for its own pathway and all its choices) gives
+    the numbers of lm-eval's own padded batches with the same pathways hooked in."""
+    remixer = _remixer(lm, store_dir, method=method, steps=4, remix_batch_size=3)
+    texts = [f"Question: {q}\nAnswer:" for q, _, _ in TINY_MC_DOCS[:5]]
+    choices = [[" " + c for c in doc[1]] for doc in TINY_MC_DOCS[:5]]
+    contexts = [lm.tok_encode(t) for t in texts]
+    conts = [[lm._encode_pair(t, c)[1] for c in cs] for t, cs in zip(texts, choices)]
+    assert remixer.scores_from_capture(max(len(c) for cs in conts for c in cs))
+    fast = remixer.score(texts, contexts, conts)
+    pathways = remixer.pathways(texts, contexts)
+    requests = [((t, c), ctx, cont) for t, ctx, cs, ccs in zip(texts, contexts, choices, conts)
+                for c, cont in zip(cs, ccs)]
+    hooked = lm.loglikelihood_with_pathways(requests, pathways)
+    flat = [answer for per_context in fast for answer in per_context]
+    assert np.abs(np.array([a[0] for a in flat]) - np.array([h[0] for h in hooked])).max() <= 1e-4
+    assert [a[1] for a in flat] == [h[1] for h in hooked]
+
+
+def test_own_routing_from_the_prepared_suffix_equals_the_capture_api(lm, store_dir):
+    from lm_eval_c3po.cached_loss import CachedChoiceLoss
+
+    remixer = _remixer(lm, store_dir, method="ngd")
+    examples = _examples(lm, TINY_MC_DOCS[:4])
+    scorer = CachedChoiceLoss(lm.model, lm.routing, remixer.layer_ids, "last", [[e] for e in examples],
+                              torch.ones(len(examples), 1), lm.max_length)
+    expected = remixer.own_pathways([e.context for e in examples])
+    assert torch.allclose(scorer.own_routing(), expected, atol=1e-5)
+
+
+def test_single_token_answers_share_one_row(lm, store_dir):
+    """Choices whose suffixes are leading runs of another's are read off that row's pass."""
+    from lm_eval_c3po.cached_loss import CachedChoiceLoss
+
+    remixer = _remixer(lm, store_dir, method="ngd")
+    context = lm.tok_encode("Question: Which is a mammal?\nAnswer:")
+    a, b = lm.tok_encode(" whale")[:1], lm.tok_encode(" fox")[:1]
+    example = Example(context, [a, b, a + b], 0)
+    scorer = CachedChoiceLoss(lm.model, lm.routing, remixer.layer_ids, "last", [[example]], torch.ones(1, 1),
+                              lm.max_length)
+    ll, _ = scorer.row_scores(remixer.own_pathways([context]))
+    # Suffixes [last], [last], [last, a]: the first two are leading runs of the third, so one pass serves all.
+    assert scorer._suffix_batch().compute_row.tolist() == [2, 2, 2]
+    naive = ChoiceLoss(lm.model, lm.routing, remixer.layer_ids, "last", [[example]], torch.ones(1, 1),
+                       lm.max_length)
+    with torch.no_grad():
+        expected = naive._log_likelihoods(remixer.own_pathways([context]), [(0, row) for row in naive._rows], 1)
+    assert torch.allclose(ll, expected, atol=1e-5)

@@ -1,7 +1,13 @@
 """Routing control for transformers MoE families: capture and override pathways."""
 
 from lm_eval_c3po.routing.adapters import RouterAdapter, adapter_for
-from lm_eval_c3po.routing.control import MoELayer, NotAnMoEModelError, RoutingCapture, RoutingController
+from lm_eval_c3po.routing.control import (
+    MoELayer,
+    NotAnMoEModelError,
+    RoutingCapture,
+    RoutingController,
+    input_device,
+)
 from lm_eval_c3po.routing.specs import (
     DEFAULT_LAYERS,
     DEFAULT_TOKENS,
@@ -21,6 +27,7 @@ __all__ = [
     "RoutingController",
     "SpecError",
     "adapter_for",
+    "input_device",
     "parse_layers",
     "token_positions",
     "validate_token_spec",

@@ -59,6 +59,15 @@ def _decoder_layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s input ids go: its embedding's execution device under accelerate's dispatch hooks
+    (``parallelize=True`` / ``device_map``, where weights may sit on ``meta`` until used), else the
+    embedding weight's device."""
+    embed = model.get_input_embeddings()
+    device = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else embed.weight.device
+
+
 class RoutingController:
     """Routing read/write access to every MoE layer of ``model``.
 

@@ -13,9 +13,12 @@ import os
 import shutil
 from pathlib import Path
 
+from lm_eval_c3po.store.crash_points import crash_point
 from lm_eval_c3po.store.errors import StoreLockedError
 
 LOCK_FILE = ".lock"
+# atomic_write's temp files: ``.<name>.tmp-<pid>``, hidden next to their target.
+_TMP_MARK = ".tmp-"
 
 
 def fsync_dir(path: Path) -> None:
@@ -28,13 +31,25 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + fsync + os.replace, then fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+    crash_point(f"writing {path.name}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    crash_point(f"renaming {tmp.name} to {path.name}")
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def temp_files(directory: Path) -> list[Path]:
+    """``atomic_write``'s temp files in ``directory``; once a writer holds the lock, killed writers' leftovers.
+
+    A kill between writing a temp file and renaming it leaves the file behind
+    under the dead process's pid; nothing ever renames it, so a resumed build
+    removes it to end with the same files as an uninterrupted one.
+    """
+    return sorted(directory.glob(f".*{_TMP_MARK}*")) if directory.is_dir() else []
 
 
 class DirLock:
@@ -99,6 +114,7 @@ def swap_in(new_dir: Path, target: Path) -> None:
         return
     if _exchange(new_dir, target):
         fsync_dir(target.parent)
+        crash_point(f"removing the replaced tree at {new_dir.name}")
         shutil.rmtree(new_dir)
         return
     old = target.with_name(target.name + ".old")

@@ -1,11 +1,16 @@
 """StoreWriter: the sharded, atomic, resumable way records become a store on disk.
 
 Records arrive in the builder's order; every ``shard_size`` docs (kept or not)
-become one shard, written as a unit and then listed in ``progress.json``. A
-killed build therefore loses at most the current shard, and a rerun with the
-same settings skips ``done_ids()`` and produces byte-identical shard files.
-``manifest.json`` is written last: without it a directory is an incomplete
-build, never a store.
+become one shard, written as a unit and then listed in ``progress.json``
+(written first, when a build starts, so a directory is marked as a build
+before any shard lands in it). A killed build therefore loses at most the
+current shard, and a rerun with the same settings skips ``done_ids()`` and
+produces byte-identical shard files. ``manifest.json`` is written last:
+without it a directory is an incomplete build, never a store. Whatever a kill
+leaves half-done (a temp file never renamed, the progress file next to a
+written manifest) is tidied by the next writer of the directory, so a resumed
+build ends with exactly the files of an uninterrupted one; the fault tests
+kill a writer at every step of this sequence (``crash_points``).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from lm_eval_c3po.store._fs import LOCK_FILE, DirLock, atomic_write, swap_in
+from lm_eval_c3po.store._fs import LOCK_FILE, DirLock, atomic_write, fsync_dir, swap_in, temp_files
 from lm_eval_c3po.store.columns import NORM_TOLERANCE, Columns
+from lm_eval_c3po.store.crash_points import crash_point
 from lm_eval_c3po.store.errors import EmptyStoreError, StoreCorruptError, StoreExistsError
 from lm_eval_c3po.store.manifest import (
     FORMAT_VERSION,
@@ -75,6 +81,12 @@ def read_progress(directory: Path) -> tuple[dict[str, Any], list[ShardInfo]] | N
         ) from None
 
 
+def _tidy(directory: Path) -> None:
+    """Remove the temp files of killed writers from a build directory and its shards (lock held)."""
+    for path in temp_files(directory) + temp_files(directory / SHARD_DIR):
+        path.unlink()
+
+
 class StoreWriter:
     """Write records into a reference store directory; see the module docstring for the guarantees.
 
@@ -115,6 +127,7 @@ class StoreWriter:
         self._buf_kept: list[Record] = []
         self._buf_sources: dict[str, SourceCounts] = {}
         self._closed = False
+        self._fresh = False  # this writer started the build (nothing to resume)
         try:
             self._work = self._open()
         except BaseException:
@@ -124,7 +137,8 @@ class StoreWriter:
     # -- opening: decide where to write and what is already done ----------------------------------
 
     def _open(self) -> Path:
-        entries = {p.name for p in self.out_dir.iterdir()} - {LOCK_FILE}
+        leftovers = {p.name for p in temp_files(self.out_dir)}
+        entries = {p.name for p in self.out_dir.iterdir()} - {LOCK_FILE} - leftovers
         complete = MANIFEST_FILE in entries
         incomplete = not complete and PROGRESS_FILE in entries
         if entries and not (complete or incomplete):
@@ -141,17 +155,28 @@ class StoreWriter:
                     resumed = False
                 if not resumed:
                     shutil.rmtree(work)  # our own scratch tree, of other settings or damaged: start afresh
-            work.mkdir(exist_ok=True)
+            if not work.exists():
+                work.mkdir()
+                self._write_progress(work)
+                self._fresh = True
+            _tidy(work)
             return work
         if complete:
             manifest = load_manifest(self.out_dir)
             self._refuse_if_different(_canonical(manifest.settings()), "a complete store")
             self._complete = manifest
             self._done = {i for s in manifest.shards for i in read_seen_ids(self.out_dir, s)}
+            if PROGRESS_FILE in entries:  # close() was killed after the manifest, its commit point: finish it
+                (self.out_dir / PROGRESS_FILE).unlink()
+                fsync_dir(self.out_dir)
         elif incomplete:
             settings, _ = read_progress(self.out_dir)  # type: ignore[misc]
             self._refuse_if_different(settings, "an unfinished build")
             self._resume_from(self.out_dir)
+        else:  # a new build: the progress file marks the directory as ours before any shard is written
+            self._write_progress(self.out_dir)
+            self._fresh = True
+        _tidy(self.out_dir)
         return self.out_dir
 
     def _refuse_if_different(self, theirs: dict[str, Any], what: str) -> None:
@@ -244,10 +269,13 @@ class StoreWriter:
         sources = dict(sorted(self._buf_sources.items()))
         info = write_shard(self._work, shard_name(len(self._shards)), columns, self._buf_seen, sources)
         self._shards.append(info)
+        self._write_progress(self._work)
+        self._buf_seen, self._buf_kept, self._buf_sources = [], [], {}
+
+    def _write_progress(self, directory: Path) -> None:
         shards = [s.to_dict() for s in self._shards]
         progress = {"format_version": FORMAT_VERSION, "settings": self._settings, "shards": shards}
-        atomic_write(self._work / PROGRESS_FILE, (json.dumps(progress, indent=1) + "\n").encode())
-        self._buf_seen, self._buf_kept, self._buf_sources = [], [], {}
+        atomic_write(directory / PROGRESS_FILE, (json.dumps(progress, indent=1) + "\n").encode())
 
     # -- finishing -----------------------------------------------------------------------------------
 
@@ -279,8 +307,10 @@ class StoreWriter:
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             )
             atomic_write(self._work / MANIFEST_FILE, manifest.to_json().encode())
+            crash_point(f"removing {PROGRESS_FILE}")
             (self._work / PROGRESS_FILE).unlink()
             if self._work != self.out_dir:
+                crash_point(f"swapping {self._work.name} in")
                 swap_in(self._work, self.out_dir)
             return manifest
         finally:
@@ -321,5 +351,7 @@ class StoreWriter:
             self.close()
         elif not self._closed:
             self._closed = True
+            if self._fresh and not self._shards:  # nothing worth resuming: leave no unfinished build behind
+                self._discard()
             self._release()
 
