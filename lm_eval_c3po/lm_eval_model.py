@@ -1,12 +1,15 @@
 """``lm_eval --model c3po``: an HFLM whose routers are re-mixed per test context.
 
-The subclass keeps all of HFLM (loading, tokenisation, batching, caching,
-data-parallel) and hooks one place: ``_model_call``. Before lm-eval scores a
-batch of requests, :meth:`C3POLM._loglikelihood_tokens` computes one pathway
-omega* per distinct context (:mod:`lm_eval_c3po.remix`) and records, for
-every model input lm-eval will build, where that context's tokens sit. When
-``_model_call`` then sees a padded batch, each row is matched back to its
-input and the routers are overridden at that row's context positions.
+The subclass keeps all of HFLM (loading, tokenisation, caching, data-parallel).
+For the families on the prefix-cached path (:mod:`lm_eval_c3po.cached_loss`),
+:meth:`C3POLM._loglikelihood_tokens` scores each context's choices from the
+same pass that reads its own pathway (``Remixer.score``): the prefix is run
+once, not once per choice. Other families hook ``_model_call`` (generation:
+``_model_generate``): one pathway omega* is computed per distinct context
+(:mod:`lm_eval_c3po.remix`) and, for every model input lm-eval will build,
+where that context's tokens sit is recorded; when ``_model_call`` then sees a
+padded batch, each row is matched back to its input and the routers are
+overridden at that row's context positions.
 
 ``method=base`` installs no hook at all, so its numbers are ``--model hf``'s.
 """
