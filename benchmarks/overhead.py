@@ -22,7 +22,14 @@ choices), so the figures can be read for real model sizes, where the fixed-size
 sentence embedder is negligible next to the LM. Peak RSS is per run
 (``/proc/self/clear_refs``).
 
+``--answers letters`` switches to MMLU-style items (options listed in the
+question, one answer token per choice), where the neighbourhood loss costs
+little next to the neighbours' context passes. ``--repeats N`` rounds through
+the configs N times and keeps each one's median run (CPU timings drift by
+several percent between runs).
+
     python benchmarks/overhead.py --questions 300 --hidden 128 --out overhead.json
+    python benchmarks/overhead.py --questions 300 --hidden 128 --answers letters --repeats 3
     python benchmarks/overhead.py --questions 40 --hidden 128 --configs hf,ngd,ngd_naive   # a quick look
 """
 
@@ -45,6 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from _memory import reset_peak_rss, rss_mib  # noqa: E402
 
+from lm_eval_c3po.config import C3POConfig  # noqa: E402
 from lm_eval_c3po.testing import write_mc_task  # noqa: E402
 
 CONFIGS = ("hf", "base", "mode_finding", "kernel_regression", "ngd", "ngd_naive")
@@ -56,13 +64,22 @@ _WORDS = ("quick brown fox jumps over lazy dog capital France Paris mammal whale
           "question answer which these true false yes no").split()
 
 
-def synthetic_docs(n: int, seed: int) -> list[dict]:
-    """4-choice questions over the offline tokenizer's corpus words (so tokens stay few)."""
+def synthetic_docs(n: int, seed: int, answers: str = "words") -> list[dict]:
+    """4-choice questions over the offline tokenizer's corpus words (so tokens stay few).
+
+    ``answers="words"``: each choice is 1-3 words, scored as its own continuation
+    (ARC / HellaSwag / PIQA style: several answer tokens per choice).
+    ``answers="letters"``: the options are listed in the question and the
+    choices are the letters A-D (MMLU style: one answer token per choice).
+    """
     rng = random.Random(seed)
     docs = []
     for _ in range(n):
         question = " ".join(rng.choices(_WORDS, k=rng.randint(8, 24))).capitalize() + "?"
         choices = [" ".join(rng.choices(_WORDS, k=rng.randint(1, 3))) for _ in range(4)]
+        if answers == "letters":
+            question += "".join(f"\n{letter}. {text}" for letter, text in zip("ABCD", choices))
+            choices = list("ABCD")
         docs.append({"question": question, "choices": choices, "answer": rng.randrange(4)})
     return docs
 
@@ -189,11 +206,17 @@ def main() -> int:
     parser.add_argument("--references", type=int, help="reference questions (default 2 x questions)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the OLMoE-shaped model (default 256)")
     parser.add_argument("--batch-size", type=int, default=32, help="lm-eval batch_size, the same for every run")
-    parser.add_argument("--remix-batch-size", type=int, default=8,
-                        help="test contexts re-mixed together (c3po's remix_batch_size, default 8)")
+    parser.add_argument("--remix-batch-size", type=int, default=C3POConfig.remix_batch_size,
+                        help=f"test contexts re-mixed together (c3po's remix_batch_size, default "
+                             f"{C3POConfig.remix_batch_size})")
+    parser.add_argument("--answers", choices=("words", "letters"), default="words",
+                        help="words: 1-3 word choices, several answer tokens each (default); letters: MMLU-style "
+                             "options in the question, one answer token per choice")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds through the configs; each figure comes from the run of median seconds")
     parser.add_argument("--out", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args()
     args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
@@ -211,13 +234,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="c3po_overhead_") as tmp:
         tmp = Path(tmp)
         model_dir = save_model(tmp / "model", args.hidden)
-        write_mc_task(tmp / "tasks", TASK, synthetic_docs(args.questions, seed=1))
-        write_mc_task(tmp / "tasks", REF_TASK, synthetic_docs(references, seed=2))
+        write_mc_task(tmp / "tasks", TASK, synthetic_docs(args.questions, seed=1, answers=args.answers))
+        write_mc_task(tmp / "tasks", REF_TASK, synthetic_docs(references, seed=2, answers=args.answers))
         start = time.perf_counter()
         store = build_store(model_dir, tmp / "tasks", tmp / "store", args)
         store_s = time.perf_counter() - start
         run_one("hf", model_dir, store, tmp / "tasks", args)  # warm-up: imports, dataset cache, kernels
-        results = {c: run_one(c, model_dir, store, tmp / "tasks", args) for c in configs}
+        runs: dict[str, list[dict]] = {c: [] for c in configs}
+        for _ in range(args.repeats):  # rounds through every config, so slow drifts of the machine hit all alike
+            for c in configs:
+                runs[c].append(run_one(c, model_dir, store, tmp / "tasks", args))
+        results = {c: _median_run(r) for c, r in runs.items()}
 
     hf, hf_model = results["hf"]["seconds"], results["hf"]["loglikelihood_s"]
     for figures in results.values():
@@ -225,10 +252,11 @@ def main() -> int:
         # lm.loglikelihood only: without simple_evaluate's fixed task/dataset set-up, which flatters small runs
         figures["model_ratio_to_hf"] = round(figures["loglikelihood_s"] / hf_model, 3)
     summary = {
-        "setup": {"questions": args.questions, "references": references, "hidden": args.hidden, "layers": 16,
+        "setup": {"questions": args.questions, "answers": args.answers, "references": references,
+                  "hidden": args.hidden, "layers": 16,
                   "experts": 64, "top_k": 8, "batch_size": args.batch_size, "device": args.device,
                   "dtype": args.dtype, "threads": args.threads,
-                  "remix_batch_size": args.remix_batch_size, "store_build_s": round(store_s, 2),
+                  "remix_batch_size": args.remix_batch_size, "repeats": args.repeats, "store_build_s": round(store_s, 2),
                   "torch": torch.__version__},
         "runs": results,
     }
@@ -242,6 +270,12 @@ def main() -> int:
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one for an even count), with every run's seconds."""
+    ordered = sorted(runs, key=lambda f: f["seconds"])
+    return {**ordered[(len(ordered) - 1) // 2], "seconds_all": [f["seconds"] for f in runs]}
 
 
 def _print(summary: dict) -> None:

@@ -50,7 +50,7 @@ class C3POConfig:
     embedder: str = DEFAULT_EMBEDDER
     seed: int = 1234
     diagnostics: str | None = None
-    remix_batch_size: int = 8
+    remix_batch_size: int = 32
     layer_ids: tuple[int, ...] = field(default=(), compare=False)  # resolved against the model
 
     @classmethod

@@ -237,7 +237,7 @@ def test_scoring_from_the_capture_pass_equals_hooked_lm_eval_batches(lm, store_d
     assert [a[1] for a in flat] == [h[1] for h in hooked]
 
 
-def test_own_routing_from_the_prepared_suffix_equals_the_capture_api(lm, store_dir):
+def test_own_routing_from_the_prepared_trie_equals_the_capture_api(lm, store_dir):
     from lm_eval_c3po.cached_loss import CachedChoiceLoss
 
     remixer = _remixer(lm, store_dir, method="ngd")
@@ -248,8 +248,8 @@ def test_own_routing_from_the_prepared_suffix_equals_the_capture_api(lm, store_d
     assert torch.allclose(scorer.own_routing(), expected, atol=1e-5)
 
 
-def test_single_token_answers_share_one_row(lm, store_dir):
-    """Choices whose suffixes are leading runs of another's are read off that row's pass."""
+def test_answers_share_their_common_leading_tokens(lm, store_dir):
+    """Choices share the last context token and the answer tokens they agree on (one trie per example)."""
     from lm_eval_c3po.cached_loss import CachedChoiceLoss
 
     remixer = _remixer(lm, store_dir, method="ngd")
@@ -259,8 +259,10 @@ def test_single_token_answers_share_one_row(lm, store_dir):
     scorer = CachedChoiceLoss(lm.model, lm.routing, remixer.layer_ids, "last", [[example]], torch.ones(1, 1),
                               lm.max_length)
     ll, _ = scorer.row_scores(remixer.own_pathways([context]))
-    # Suffixes [last], [last], [last, a]: the first two are leading runs of the third, so one pass serves all.
-    assert scorer._suffix_batch().compute_row.tolist() == [2, 2, 2]
+    # Inputs after the split: [last], [last], [last, a]: one trie of two nodes serves all three choices.
+    (trie,) = scorer._trie_batch().tries
+    assert trie.tokens == [context[-1], a[0]] and trie.parent == [-1, 0]
+    assert trie.scored == {0: [(0, a[0])], 1: [(0, b[0])], 2: [(0, a[0]), (1, b[0])]}
     naive = ChoiceLoss(lm.model, lm.routing, remixer.layer_ids, "last", [[example]], torch.ones(1, 1),
                        lm.max_length)
     with torch.no_grad():
