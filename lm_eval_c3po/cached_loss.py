@@ -60,8 +60,7 @@ import torch
 from transformers import DynamicCache
 
 from lm_eval_c3po.remix import ChoiceLoss, Example
-from lm_eval_c3po.routing import RoutingController, input_device, token_positions
-from lm_eval_c3po.routing.control import MoELayer
+from lm_eval_c3po.routing import MoELayer, RoutingController, input_device, token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +212,7 @@ def build_tries(rows: Sequence[tuple[Sequence[int], int, Sequence[int]]], tokens
     """
     prefixes: dict[tuple[int, ...], int] = {}
     tries: dict[tuple, Trie] = {}
+    index: dict[tuple, int] = {}  # trie key -> its place in the returned list
     branch_node: dict[tuple, int] = {}
     choice_trie = []
     for choice, (whole, ctx_len, answer) in enumerate(rows):
@@ -222,10 +222,11 @@ def build_tries(rows: Sequence[tuple[Sequence[int], int, Sequence[int]]], tokens
         group = prefixes.setdefault(prefix, len(prefixes))
         key = (group, trunk)
         if key not in tries:
+            index[key] = len(tries)
             tries[key] = Trie(group, p0, list(trunk), list(range(len(trunk))), list(range(-1, len(trunk) - 1)),
                               sorted({p - p0 for p in positions}), len(trunk) - 1, {})
         trie = tries[key]
-        choice_trie.append(list(tries).index(key))
+        choice_trie.append(index[key])
         node = trie.last_context
         scored = [(node, int(answer[0]))]
         for j, token in enumerate(whole[ctx_len:]):
@@ -259,13 +260,17 @@ class FirstCriticalLayer:
     slot: int  # its position in the critical layer ids (omega's layer axis)
     layer: MoELayer
     experts: torch.nn.Module  # the MoE block's routed experts, called as experts(x, index, weights)
+    later_slots: tuple[int, ...]  # omega's other layer slots: the critical layers a call still hooks
+    later_layers: tuple[int, ...]  # their MoE layer ids
 
     @classmethod
     def find(cls, model, routing: RoutingController, layer_ids: Sequence[int]) -> FirstCriticalLayer | None:
         slot = min(range(len(layer_ids)), key=lambda s: routing.layers[layer_ids[s]].decoder_layer)
         layer = routing.layers[layer_ids[slot]]
         experts = getattr(model.get_submodule(layer.name.rpartition(".")[0]), "experts", None)
-        return None if experts is None else cls(layer.decoder_layer, slot, layer, experts)
+        later = tuple(s for s in range(len(layer_ids)) if s != slot)
+        return None if experts is None else cls(layer.decoder_layer, slot, layer, experts, later,
+                                                 tuple(layer_ids[s] for s in later))
 
     def mix(self, omega: torch.Tensor, logits: torch.Tensor, rest: torch.Tensor, experts: torch.Tensor
             ) -> torch.Tensor:
@@ -528,7 +533,7 @@ def _prepare(model, d0: FirstCriticalLayer, skeletons: list[tuple[list[tuple[int
                 attached.append([])
             attached[n].append(trie)
     keys = list(prefix_id)
-    prefix_kv: list[list[KV]] = [[] for _ in keys]
+    prefix_kv: dict[int, list[KV]] = {n: [] for n in range(len(keys))}
     sizes = [len(key) + sum(len(t) for t in tries) for key, tries in zip(keys, attached)]
     rows = _pack(sizes)
     for chunk in _chunks([sum(sizes[n] for n in row) for row in rows], budget_tokens):
@@ -537,15 +542,15 @@ def _prepare(model, d0: FirstCriticalLayer, skeletons: list[tuple[list[tuple[int
         ids = torch.zeros(len(packed), width, dtype=torch.long)
         position_ids = torch.zeros(len(packed), width, dtype=torch.long)
         visible = torch.eye(width, dtype=torch.bool).repeat(len(packed), 1, 1)
-        prefix_at, trie_at = [], []  # (segment, row, start) / (trie, row, start)
+        spans, trie_at = [], []  # (prefix, row, start, size) of non-empty prefixes / (trie, row, start)
         for row, members in enumerate(packed):
             start = 0
             for n in members:
                 size = len(keys[n])
                 ids[row, start:start + size] = torch.tensor(keys[n], dtype=torch.long)
-                position_ids[row, start:start + size] = torch.arange(size)
-                visible[row, start:start + size, start:start + size] = torch.ones(size, size, dtype=torch.bool).tril()
-                prefix_at.append((n, row, start))
+                _causal_segment(position_ids[row], visible[row], start, size)
+                if size:
+                    spans.append((n, row, start, size))
                 at = start + size
                 for trie in attached[n]:
                     nodes = slice(at, at + len(trie))
@@ -561,40 +566,8 @@ def _prepare(model, d0: FirstCriticalLayer, skeletons: list[tuple[list[tuple[int
             hidden = _layers(model, inner.embed_tokens(ids.to(device)), mask.to(device), position_ids.to(device),
                              None, 0, first + 1)
         _keep_d0(d0, trie_at, hidden, *(got[name].view(len(packed), width, -1) for name in ("logits", "x", "y")))
-
-        # The layers after d0 over the prefix tokens only: their keys/values are what loss calls attend to.
-        prefix_at = [(n, row, start) for n, row, start in prefix_at if keys[n]]
-        if first + 1 == num_layers or not prefix_at:
-            continue
-        lengths = [len(keys[n]) for n, _, _ in prefix_at]
-        by_row: dict[int, list[int]] = {}
-        for i, (_, row, _) in enumerate(prefix_at):
-            by_row.setdefault(row, []).append(i)
-        out_rows = list(by_row)
-        width = max(sum(lengths[i] for i in by_row[row]) for row in out_rows)
-        take = torch.zeros(len(out_rows), width, dtype=torch.long)  # positions of the chunk's rows to keep
-        position_ids = torch.zeros(len(out_rows), width, dtype=torch.long)
-        visible = torch.eye(width, dtype=torch.bool).repeat(len(out_rows), 1, 1)
-        spans = []
-        for r, row in enumerate(out_rows):
-            at = 0
-            for i in by_row[row]:
-                n, _, start = prefix_at[i]
-                size = lengths[i]
-                take[r, at:at + size] = torch.arange(start, start + size)
-                position_ids[r, at:at + size] = torch.arange(size)
-                visible[r, at:at + size, at:at + size] = torch.ones(size, size, dtype=torch.bool).tril()
-                spans.append((n, r, at, size))
-                at += size
-        source = torch.tensor(out_rows).unsqueeze(1).expand_as(take)
-        mask = _tree_mask(model.config, torch.ones(len(out_rows), 0, dtype=torch.bool), visible, inner.dtype)
-        cache = DynamicCache(ddp_cache_data=[(None, None)] * num_layers)
-        _layers(model, hidden[source.to(device), take.to(device)], mask.to(device), position_ids.to(device), cache,
-                first + 1, num_layers)
-        for n, r, at, size in spans:
-            prefix_kv[n] = [(cache.layers[j].keys[r:r + 1, :, at:at + size].clone(),
-                             cache.layers[j].values[r:r + 1, :, at:at + size].clone())
-                            for j in range(first + 1, num_layers)]
+        if first + 1 < num_layers and spans:
+            prefix_kv.update(_prefix_kv_after(model, hidden, spans, first + 1))
     empty = [n for n, key in enumerate(keys) if not key]
     if empty and first + 1 < num_layers:
         kv = _empty_kv(model, num_layers, device)[first + 1:]
@@ -602,6 +575,47 @@ def _prepare(model, d0: FirstCriticalLayer, skeletons: list[tuple[list[tuple[int
             prefix_kv[n] = kv
     return [PreparedNeighbour([prefix_kv[prefix_id[p]] for p in prefixes], tries, choice_trie)
             for prefixes, tries, choice_trie in skeletons]
+
+
+def _causal_segment(position_ids: torch.Tensor, visible: torch.Tensor, start: int, size: int) -> None:
+    """Lay one causal sequence at ``start`` of a packed row: positions from 0, attending only within itself."""
+    position_ids[start:start + size] = torch.arange(size)
+    visible[start:start + size, start:start + size] = torch.ones(size, size, dtype=torch.bool).tril()
+
+
+def _prefix_kv_after(model, hidden: torch.Tensor, spans: list[tuple[int, int, int, int]], first: int
+                     ) -> dict[int, list[KV]]:
+    """Keys/values of layers ``first..`` over prefix tokens only, from ``hidden`` entering ``first``.
+
+    ``spans`` are ``(prefix, row, start, size)`` in ``hidden``'s packed rows;
+    the trie nodes between them are dropped, so these layers cost the prefix
+    tokens alone. Loss calls attend to what this keeps.
+    """
+    inner = model.model
+    device = hidden.device
+    by_row: dict[int, list[tuple[int, int, int]]] = {}
+    for n, row, start, size in spans:
+        by_row.setdefault(row, []).append((n, start, size))
+    width = max(sum(size for _, _, size in members) for members in by_row.values())
+    take = torch.zeros(len(by_row), width, dtype=torch.long)  # source position in hidden's row
+    position_ids = torch.zeros(len(by_row), width, dtype=torch.long)
+    visible = torch.eye(width, dtype=torch.bool).repeat(len(by_row), 1, 1)
+    placed = []
+    for r, members in enumerate(by_row.values()):
+        at = 0
+        for n, start, size in members:
+            take[r, at:at + size] = torch.arange(start, start + size)
+            _causal_segment(position_ids[r], visible[r], at, size)
+            placed.append((n, r, at, size))
+            at += size
+    source = torch.tensor(list(by_row)).unsqueeze(1).expand_as(take)
+    mask = _tree_mask(model.config, torch.ones(len(by_row), 0, dtype=torch.bool), visible, inner.dtype)
+    cache = DynamicCache(ddp_cache_data=[(None, None)] * len(inner.layers))
+    _layers(model, hidden[source.to(device), take.to(device)], mask.to(device), position_ids.to(device), cache,
+            first, len(inner.layers))
+    return {n: [(cache.layers[j].keys[r:r + 1, :, at:at + size].clone(),
+                 cache.layers[j].values[r:r + 1, :, at:at + size].clone()) for j in range(first, len(inner.layers))]
+            for n, r, at, size in placed}
 
 
 def _layers(model, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None,
@@ -736,24 +750,22 @@ class _TrieBatch:
                          for name in ("logits", "rest", "experts")))
         hidden = hidden.index_put((torch.tensor(rows, device=device), torch.tensor(positions, device=device)),
                                   mixed.to(hidden.dtype))
-        later = [s for s in range(len(loss.layer_ids)) if s != d0.slot]
-        if not later:
+        if not d0.later_slots:
             return _run_layers(model, hidden, kv, prefix_len, depth, visible, *layers)
         slots = max(per * len(t.overridden) for t in picked)
         where = torch.full((len(picked), slots), -1, dtype=torch.long)
-        written = pathways.new_zeros(len(picked), slots, len(later), pathways.shape[-1])
+        written = pathways.new_zeros(len(picked), slots, len(d0.later_slots), pathways.shape[-1])
         counts = [0] * len(picked)
         for m, (row, position) in enumerate(zip(rows, positions)):
             where[row, counts[row]] = position
-            written[row, counts[row]] = pathways[m, later]
+            written[row, counts[row]] = pathways[m, list(d0.later_slots)]
             counts[row] += 1
-        with loss.routing.override(where, written, layers=[loss.layer_ids[s] for s in later]):
+        with loss.routing.override(where, written, layers=d0.later_layers):
             return _run_layers(model, hidden, kv, prefix_len, depth, visible, *layers)
 
     def own_routing(self, loss: CachedChoiceLoss) -> torch.Tensor:
         """The routing ``[B, Lc, E]`` of each context's own trie at its last context token."""
         d0 = loss._d0
-        later = [s for s in range(len(loss.layer_ids)) if s != d0.slot]
         out: dict[int, torch.Tensor] = {}
         if None in self.own_trie:
             raise ValueError("own routing needs at least one example per context")
@@ -763,11 +775,11 @@ class _TrieBatch:
             routing = torch.empty(len(chunk), len(loss.layer_ids), loss.routing.num_experts)
             logits = torch.stack([self.tries[n].own_logits for n in chunk])
             routing[:, d0.slot] = d0.layer.adapter.distribution(d0.layer.router, logits).float().cpu()
-            if later:
+            if d0.later_slots:
                 nodes = torch.tensor([[self.tries[n].last_context] for n in chunk])
-                with loss.routing.capture(nodes, layers=[loss.layer_ids[s] for s in later]) as cap:
+                with loss.routing.capture(nodes, layers=d0.later_layers) as cap:
                     self.run(loss, chunk, None, 1)
-                routing[:, later] = cap.routing[:, 0].float()
+                routing[:, list(d0.later_slots)] = cap.routing[:, 0].float()
             out.update(zip(chunk, routing))
         return torch.stack([out[n] for n in self.own_trie])
 
