@@ -1,6 +1,7 @@
 """C3PO's cost over plain evaluation, measured through lm-eval's ``simple_evaluate`` in one process.
 
-An OLMoE-shaped random model (16 layers, 64 experts, top-8; small hidden size),
+An OLMoE-shaped random model (16 layers, 64 experts, top-8; a small hidden size, or
+OLMoE-1B-7B's whole config with ``--shape olmoe-1b-7b`` on a GPU),
 a synthetic 4-choice task and a reference store built from a disjoint
 synthetic set. Each configuration evaluates the same task with the same
 ``batch_size``; seconds and ratios to ``--model hf`` are printed and written:
@@ -31,6 +32,7 @@ several percent between runs).
     python benchmarks/overhead.py --questions 300 --hidden 128 --out overhead.json
     python benchmarks/overhead.py --questions 300 --hidden 128 --answers letters --repeats 3
     python benchmarks/overhead.py --questions 40 --hidden 128 --configs hf,ngd,ngd_naive   # a quick look
+    python benchmarks/overhead.py --device cuda --shape olmoe-1b-7b --configs hf,base,kernel_regression,ngd
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import torch  # noqa: E402
 from _memory import reset_peak_rss, rss_mib  # noqa: E402
 
 from lm_eval_c3po.config import C3POConfig  # noqa: E402
-from lm_eval_c3po.testing import write_mc_task  # noqa: E402
+from lm_eval_c3po.testing import make_tiny_model, make_tokenizer, write_mc_task  # noqa: E402
 
 CONFIGS = ("hf", "base", "mode_finding", "kernel_regression", "ngd", "ngd_naive")
 TARGETS = {"base": 1.05, "mode_finding": 1.3, "kernel_regression": 1.5, "ngd": 3.0}
@@ -84,17 +86,28 @@ def synthetic_docs(n: int, seed: int, answers: str = "words") -> list[dict]:
     return docs
 
 
-def save_model(path: Path, hidden: int, seed: int = 0) -> Path:
-    """OLMoE-1B-7B's shape (16 layers, 64 experts, top-8) at a small hidden size, with the offline tokenizer."""
-    from lm_eval_c3po.testing import make_tiny_model, make_tokenizer
+SHAPES = ("small", "olmoe-1b-7b")
 
-    tokenizer = make_tokenizer()
-    model = make_tiny_model(
-        "olmoe", seed=seed, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden // 2,
-        num_hidden_layers=16, num_attention_heads=max(1, hidden // 32), num_key_value_heads=max(1, hidden // 32),
-        num_experts=64, num_experts_per_tok=8, max_position_embeddings=1024, initializer_range=0.02,
-    )
-    model.save_pretrained(path)
+
+def model_shape(shape: str, hidden: int, vocab: int) -> dict:
+    """Config overrides of an OLMoE model: ``small`` is OLMoE-1B-7B's routing (16 layers, 64 experts,
+    top-8) at ``hidden`` (minutes on a CPU); ``olmoe-1b-7b`` is allenai/OLMoE-1B-7B-0924's whole
+    config (6.9B parameters, its 50304-token head), for a GPU."""
+    routing = dict(num_hidden_layers=16, num_experts=64, num_experts_per_tok=8, initializer_range=0.02)
+    if shape == "olmoe-1b-7b":
+        return dict(routing, hidden_size=2048, intermediate_size=1024, num_attention_heads=16,
+                    num_key_value_heads=16, vocab_size=max(vocab, 50304), max_position_embeddings=4096)
+    heads = max(1, hidden // 32)
+    return dict(routing, hidden_size=hidden, intermediate_size=hidden // 2, num_attention_heads=heads,
+                num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=1024)
+
+
+def save_model(path: Path, shape: dict, tokenizer, device: str, dtype: str, seed: int = 0) -> Path:
+    """A random OLMoE model of ``shape`` with ``tokenizer``, initialised on ``device`` (a 7B model
+    initialises in seconds on a GPU) and saved in ``dtype``."""
+    with torch.device(device):
+        model = make_tiny_model("olmoe", seed=seed, **shape)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -204,7 +217,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=300, help="test questions (default 300)")
     parser.add_argument("--references", type=int, help="reference questions (default 2 x questions)")
-    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the OLMoE-shaped model (default 256)")
+    parser.add_argument("--shape", choices=SHAPES, default="small",
+                        help="small: OLMoE-1B-7B's routing at --hidden (default); olmoe-1b-7b: its whole config "
+                             "(6.9B parameters: for a GPU)")
+    parser.add_argument("--hidden", type=int, default=256,
+                        help="hidden size of the small shape (default 256)")
     parser.add_argument("--batch-size", type=int, default=32, help="lm-eval batch_size, the same for every run")
     parser.add_argument("--remix-batch-size", type=int, default=C3POConfig.remix_batch_size,
                         help=f"test contexts re-mixed together (c3po's remix_batch_size, default "
@@ -233,7 +250,9 @@ def main() -> int:
     references = args.references or 2 * args.questions
     with tempfile.TemporaryDirectory(prefix="c3po_overhead_") as tmp:
         tmp = Path(tmp)
-        model_dir = save_model(tmp / "model", args.hidden)
+        tokenizer = make_tokenizer()
+        shape = model_shape(args.shape, args.hidden, len(tokenizer))
+        model_dir = save_model(tmp / "model", shape, tokenizer, args.device, args.dtype)
         write_mc_task(tmp / "tasks", TASK, synthetic_docs(args.questions, seed=1, answers=args.answers))
         write_mc_task(tmp / "tasks", REF_TASK, synthetic_docs(references, seed=2, answers=args.answers))
         start = time.perf_counter()
@@ -253,10 +272,11 @@ def main() -> int:
         figures["model_ratio_to_hf"] = round(figures["loglikelihood_s"] / hf_model, 3)
     summary = {
         "setup": {"questions": args.questions, "answers": args.answers, "references": references,
-                  "hidden": args.hidden, "layers": 16,
-                  "experts": 64, "top_k": 8, "batch_size": args.batch_size, "device": args.device,
-                  "dtype": args.dtype, "threads": args.threads,
-                  "remix_batch_size": args.remix_batch_size, "repeats": args.repeats, "store_build_s": round(store_s, 2),
+                  "shape": args.shape, **{k: shape[k] for k in ("hidden_size", "num_hidden_layers", "num_experts",
+                                                                "num_experts_per_tok", "vocab_size")},
+                  "batch_size": args.batch_size, "device": args.device,
+                  "dtype": args.dtype, "threads": args.threads, "remix_batch_size": args.remix_batch_size,
+                  "repeats": args.repeats, "store_build_s": round(store_s, 2),
                   "torch": torch.__version__},
         "runs": results,
     }

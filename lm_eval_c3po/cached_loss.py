@@ -49,6 +49,7 @@ take no arbitrary mask (flash attention) fall back to the reference
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 from collections import OrderedDict
@@ -623,9 +624,16 @@ def _layers(model, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch
     """Decoder layers ``first..last-1`` over packed rows with a prepared 4-D mask (keys/values into ``cache``)."""
     position_embeddings = model.model.rotary_emb(hidden, position_ids)
     for layer in model.model.layers[first:last]:
-        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, **{_cache_keyword(type(layer)): cache},
                        use_cache=cache is not None, position_embeddings=position_embeddings)
     return hidden
+
+
+@functools.cache
+def _cache_keyword(layer_class: type) -> str:
+    """The decoder layer's key/value cache argument: ``cache`` in recent transformers 5.x, where
+    ``past_key_values`` is deprecated (removal announced for 5.40), ``past_key_values`` in earlier ones."""
+    return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
 
 
 def _keep_d0(d0: FirstCriticalLayer, trie_at: list[tuple[Trie, int, int]], hidden: torch.Tensor,
@@ -710,21 +718,27 @@ class _TrieBatch:
             out += [chunk[s:s + rows_for_kv] for s in range(0, len(chunk), rows_for_kv)]
         return out
 
-    def run(self, loss: CachedChoiceLoss, chunk: list[int], omega: torch.Tensor | None, per: int) -> torch.Tensor:
+    def run(self, loss: CachedChoiceLoss, chunk: list[int], omega: torch.Tensor | None, per: int,
+            trunk_only: bool = False) -> torch.Tensor:
         """Final hidden states ``[n, per * width, H]`` of the tries ``chunk``, copy g with pathway
-        ``omega[owner * per + g]`` written in (differentiable) or, for ``None``, the model's own routing."""
+        ``omega[owner * per + g]`` written in (differentiable) or, for ``None``, the model's own routing.
+
+        ``trunk_only`` runs the context nodes alone (nodes come first, so the
+        trunk is a leading slice), for what needs no answer token.
+        """
         model, d0 = loss.model, loss._d0
         picked = [self.tries[n] for n in chunk]
-        width = max(len(t) for t in picked)
+        sizes = [t.last_context + 1 if trunk_only else len(t) for t in picked]
+        width = max(sizes)
         device = picked[0].hidden.device
         hidden = picked[0].hidden.new_zeros(len(picked), width, picked[0].hidden.shape[-1])
         depth = torch.zeros(len(picked), width, dtype=torch.long)
         visible = torch.zeros(len(picked), per * width, per * width, dtype=torch.bool)
-        for row, trie in enumerate(picked):
-            hidden[row, : len(trie)] = trie.hidden
-            depth[row, : len(trie)] = torch.tensor(trie.depth)
+        for row, (trie, size) in enumerate(zip(picked, sizes)):
+            hidden[row, :size] = trie.hidden[:size]
+            depth[row, :size] = torch.tensor(trie.depth[:size])
             block = torch.eye(width, dtype=torch.bool)
-            block[: len(trie), : len(trie)] = trie.visible
+            block[:size, :size] = trie.visible[:size, :size]
             visible[row] = torch.block_diag(*[block] * per)
         prefix_len = torch.tensor([t.prefix_len for t in picked])
         kv = []
@@ -770,7 +784,7 @@ class _TrieBatch:
         if None in self.own_trie:
             raise ValueError("own routing needs at least one example per context")
         wanted = sorted(set(self.own_trie))
-        for chunk in _chunks([len(self.tries[n]) for n in wanted], self.budget_tokens):
+        for chunk in _chunks([self.tries[n].last_context + 1 for n in wanted], self.budget_tokens):
             chunk = [wanted[n] for n in chunk]
             routing = torch.empty(len(chunk), len(loss.layer_ids), loss.routing.num_experts)
             logits = torch.stack([self.tries[n].own_logits for n in chunk])
@@ -778,7 +792,7 @@ class _TrieBatch:
             if d0.later_slots:
                 nodes = torch.tensor([[self.tries[n].last_context] for n in chunk])
                 with loss.routing.capture(nodes, layers=d0.later_layers) as cap:
-                    self.run(loss, chunk, None, 1)
+                    self.run(loss, chunk, None, 1, trunk_only=True)
                 routing[:, list(d0.later_slots)] = cap.routing[:, 0].float()
             out.update(zip(chunk, routing))
         return torch.stack([out[n] for n in self.own_trie])
