@@ -174,6 +174,11 @@ class Trie:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def trunk_len(self) -> int:
+        """Nodes up to the last context token: the trunk comes first, so they are a leading slice."""
+        return self.last_context + 1
+
     @functools.cached_property
     def visible(self) -> torch.Tensor:
         """``[N, N]`` bool: node n attends to node m iff m is n or one of its ancestors."""
@@ -723,12 +728,12 @@ class _TrieBatch:
         """Final hidden states ``[n, per * width, H]`` of the tries ``chunk``, copy g with pathway
         ``omega[owner * per + g]`` written in (differentiable) or, for ``None``, the model's own routing.
 
-        ``trunk_only`` runs the context nodes alone (nodes come first, so the
-        trunk is a leading slice), for what needs no answer token.
+        ``trunk_only`` runs each trie's trunk alone (:attr:`Trie.trunk_len` nodes), for what needs
+        no answer token.
         """
         model, d0 = loss.model, loss._d0
         picked = [self.tries[n] for n in chunk]
-        sizes = [t.last_context + 1 if trunk_only else len(t) for t in picked]
+        sizes = [t.trunk_len if trunk_only else len(t) for t in picked]
         width = max(sizes)
         device = picked[0].hidden.device
         hidden = picked[0].hidden.new_zeros(len(picked), width, picked[0].hidden.shape[-1])
@@ -784,7 +789,7 @@ class _TrieBatch:
         if None in self.own_trie:
             raise ValueError("own routing needs at least one example per context")
         wanted = sorted(set(self.own_trie))
-        for chunk in _chunks([self.tries[n].last_context + 1 for n in wanted], self.budget_tokens):
+        for chunk in _chunks([self.tries[n].trunk_len for n in wanted], self.budget_tokens):
             chunk = [wanted[n] for n in chunk]
             routing = torch.empty(len(chunk), len(loss.layer_ids), loss.routing.num_experts)
             logits = torch.stack([self.tries[n].own_logits for n in chunk])
