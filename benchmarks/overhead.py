@@ -54,7 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from _memory import reset_peak_rss, rss_mib  # noqa: E402
 
-from lm_eval_c3po.config import C3POConfig  # noqa: E402
+from lm_eval_c3po.remix import C3POConfig  # noqa: E402
 from lm_eval_c3po.testing import make_tiny_model, make_tokenizer, write_mc_task  # noqa: E402
 
 CONFIGS = ("hf", "base", "mode_finding", "kernel_regression", "ngd", "ngd_naive")
@@ -126,15 +126,16 @@ def build_store(model_dir: Path, task_dir: Path, out: Path, args) -> Path:
 
 @contextmanager
 def _naive_neighbourhood_loss(remixer):
-    """NGD's neighbourhood loss as the reference ChoiceLoss (the full model per call), same examples and weights."""
-    from lm_eval_c3po.remix import ChoiceLoss
+    """NGD's neighbourhood loss on the reference scorer (the full model per call), same examples and weights."""
+    from lm_eval_c3po.score import ChoiceLoss, FullRowScorer
 
     real = remixer.neighbourhood_loss
 
     def naive(neighbours, weights):
         cached = real(neighbours, weights)
-        return ChoiceLoss(cached.model, cached.routing, cached.layer_ids, cached.tokens, cached.examples,
-                          cached.weights, remixer.max_length)
+        scorer = FullRowScorer(remixer.model, remixer.routing, remixer.layer_ids, remixer.config.tokens,
+                               cached.examples, remixer.max_length)
+        return ChoiceLoss(cached.examples, cached.weights, scorer)
 
     remixer.neighbourhood_loss = naive
     try:
@@ -190,7 +191,7 @@ def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> 
     patches = [_timed(lm, "loglikelihood", parts, "loglikelihood_s")]
     if remixer is not None:
         patches += [_timed(remixer, "_remix", parts, "remix_s"),
-                    _timed(remixer.embedder, "encode", parts, "embed_s")]
+                    _timed(remixer.retriever.embedder, "encode", parts, "embed_s")]
     if config == "ngd_naive":
         patches.append(_naive_neighbourhood_loss(remixer))
     with ExitStack() as stack:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import get_int_from_env
 
-from lm_eval_c3po.config import C3POConfig
+from lm_eval_c3po.remix import C3POConfig
 
 # The launcher variables accelerate itself reads for the number of processes (torchrun, MPI).
 WORLD_SIZE_VARS = ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"]

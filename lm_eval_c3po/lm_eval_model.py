@@ -1,15 +1,16 @@
 """``lm_eval --model c3po``: an HFLM whose routers are re-mixed per test context.
 
-The subclass keeps all of HFLM (loading, tokenisation, caching, data-parallel).
-For the families on the prefix-cached path (:mod:`lm_eval_c3po.cached_loss`),
-:meth:`C3POLM._loglikelihood_tokens` scores each context's choices from the
-same pass that reads its own pathway (``Remixer.score``): the prefix is run
-once, not once per choice. Other families hook ``_model_call`` (generation:
-``_model_generate``): one pathway omega* is computed per distinct context
-(:mod:`lm_eval_c3po.remix`) and, for every model input lm-eval will build,
-where that context's tokens sit is recorded; when ``_model_call`` then sees a
-padded batch, each row is matched back to its input and the routers are
-overridden at that row's context positions.
+The subclass keeps all of HFLM (loading, tokenisation, caching, data-parallel)
+and changes two things:
+
+- For the families on the prefix-cached path, :meth:`C3POLM._loglikelihood_tokens`
+  scores each context's choices from the same pass that reads its own pathway
+  (``Remixer.score``): the prefix is run once, not once per choice.
+- Otherwise (and for generation) one pathway omega* is computed per distinct
+  context and lm-eval's own padded batches run inside :meth:`C3POLM.hooked`,
+  with a :class:`~lm_eval_c3po.score.PathwayOverride` that writes each row's
+  pathway at its context positions. The same context manager carries the
+  reference builder's :class:`~lm_eval_c3po.score.RoutingRecorder`.
 
 ``method=base`` installs no hook at all, so its numbers are ``--model hf``'s.
 """
@@ -18,63 +19,24 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from lm_eval.models.huggingface import HFLM
 
 from lm_eval_c3po import distributed
-from lm_eval_c3po.config import C3POConfig
-from lm_eval_c3po.routing import RoutingController, token_positions
+from lm_eval_c3po.remix import METHODS, C3POConfig, Remixer
+from lm_eval_c3po.routing import RoutingController
+from lm_eval_c3po.score import PathwayOverride, Request, RoutingRecorder, RowPlan
 
 logger = logging.getLogger(__name__)
 
 CACHE_SETTINGS_KEY = "lm_eval_c3po/settings"
 
-Request = tuple[tuple[str, str], list[int], list[int]]
-
 
 class CacheSettingsError(ValueError):
     """An lm-eval ``--use_cache`` database written under other settings."""
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """Where one context sits inside one model input."""
-
-    context: tuple[int, ...]
-    context_len: int  # context tokens left in the input after lm-eval's left truncation
-
-
-class RowPlan:
-    """Maps the rows of lm-eval's right-padded batches back to their requests.
-
-    lm-eval builds each causal input as ``(context + continuation)[-(max_length + 1):][:-1]``
-    and right-pads the batch with zeros; ``_model_call`` receives only the
-    padded tensor, so rows are recognised by their exact unpadded tokens.
-    """
-
-    def __init__(self, requests: Sequence[Request], max_length: int):
-        self._slots: dict[tuple[int, ...], _Slot] = {}
-        for _, context, continuation in requests:
-            whole = (list(context) + list(continuation))[-(max_length + 1):][:-1]
-            dropped = len(context) + len(continuation) - 1 - len(whole)
-            self._slots[tuple(whole)] = _Slot(tuple(context), len(context) - dropped)
-        self._lengths = sorted({len(k) for k in self._slots}, reverse=True)
-
-    def match(self, row: list[int]) -> _Slot | None:
-        """The slot whose input is ``row`` minus its right padding (longest match wins)."""
-        last = len(row)
-        while last > 0 and row[last - 1] == 0:
-            last -= 1
-        for length in self._lengths:
-            if length < last:
-                break
-            if length <= len(row) and (slot := self._slots.get(tuple(row[:length]))) is not None:
-                return slot
-        return None
 
 
 class C3POLM(HFLM):
@@ -89,51 +51,42 @@ class C3POLM(HFLM):
         self.c3po = distributed.per_rank_diagnostics(self.c3po, self.rank, self.world_size)
         self.routing = RoutingController(self.model)
         self.c3po = self.c3po.resolved_for(self.routing)
-        self._plan: RowPlan | None = None
-        self._pathways: dict[tuple[int, ...], torch.Tensor] = {}
-        self._captured: dict[tuple[int, ...], torch.Tensor] | None = None
-        self._layers = self.c3po.layer_ids  # the MoE layers the pathways in flight belong to
-        self._remixer = None
-        self._suspended = False
+        self.method = METHODS[self.c3po.method]
+        self._hook: PathwayOverride | RoutingRecorder | None = None
         self._warned_rolling = False
-        if self.c3po.method != "base":
-            from lm_eval_c3po.remix import Remixer
-
-            self._remixer = Remixer.from_lm(self, self.c3po)
+        self._remixer = Remixer.from_lm(self, self.c3po) if self.method.needs_reference else None
 
     # -- lm-eval entry points -------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        if self.c3po.method == "icl":
+        if self.method.rewrites_prompt:
             requests = self._remixer.with_demonstrations(requests)
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        if self.c3po.method != "base" and not self._warned_rolling:
+        if self.method.pathway is not None and not self._warned_rolling:
             logger.warning(
                 "c3po: loglikelihood_rolling (perplexity tasks) has no question to retrieve references for; "
                 "these requests run with the model's own routing (method=%s is not applied).",
                 self.c3po.method,
             )
             self._warned_rolling = True
-        with self._no_remix():
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        if self.c3po.method == "icl":
+        if self.method.rewrites_prompt:
             requests = self._remixer.with_demonstrations(requests)
-        if self._remixer is None or self.c3po.method == "icl":
+        if self.method.pathway is None:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         contexts = [self.tok_encode(req.args[0]) for req in requests]
-        self._pathways = self._remixer.pathways([req.args[0] for req in requests], contexts,
-                                                progress=self._progress(disable_tqdm))
-        try:
+        pathways = self._remixer.pathways([req.args[0] for req in requests], contexts,
+                                          progress=self._progress(disable_tqdm))
+        with self.hooked(PathwayOverride(self.routing, pathways, self.c3po.layer_ids, self.c3po.tokens)):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        finally:
-            self._pathways = {}
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        if self._remixer is None or self.c3po.method == "icl" or self._suspended:
+        # Rolling windows (perplexity) carry no cache key: no question, so no re-mixing.
+        if self.method.pathway is None or self._hook is not None or any(req[0] is None for req in requests):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         texts: dict[tuple[int, ...], str] = {}
         for (context, _), context_enc, _ in requests:
@@ -142,12 +95,10 @@ class C3POLM(HFLM):
         progress = self._progress(disable_tqdm)
         if self._remixer.scores_from_capture(max(len(cont) for _, _, cont in requests)):
             return self._score_from_capture(requests, texts, progress)
-        self._pathways = self._remixer.pathways([texts[k] for k in keys], [list(k) for k in keys], progress)
-        try:
-            with self._planned(requests):
-                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        finally:
-            self._pathways = {}
+        pathways = self._remixer.pathways([texts[k] for k in keys], [list(k) for k in keys], progress)
+        with self.hooked(PathwayOverride(self.routing, pathways, self.c3po.layer_ids, self.c3po.tokens,
+                                         RowPlan(requests, self.max_length))):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
 
     def _progress(self, disable_tqdm: bool) -> bool:
         return not disable_tqdm and self.rank == 0  # HFLM's rule for its own bars
@@ -173,104 +124,27 @@ class C3POLM(HFLM):
                 self.cache_hook.add_partial("loglikelihood", requests[n][0], answer)
         return results
 
-    # -- routing-aware scoring for the reference builder ----------------------
-
-    def loglikelihood_with_routing(
-        self, requests: Sequence[Request], disable_tqdm: bool = True
-    ) -> tuple[list[tuple[float, bool]], list[torch.Tensor]]:
-        """Score requests exactly as ``--model hf`` does and capture, from the same forward
-        passes, the routing ``[L, E]`` (every MoE layer) at each request's last context token."""
-        self._captured = {}
-        try:
-            with self._planned(requests):
-                results = HFLM._loglikelihood_tokens(self, list(requests), disable_tqdm=disable_tqdm)
-            routing = [self._captured[tuple(ctx)] for _, ctx, _ in requests]
-        finally:
-            self._captured = None
-        return results, routing
-
-    def loglikelihood_with_pathways(
-        self,
-        requests: Sequence[Request],
-        pathways: dict[tuple[int, ...], torch.Tensor],
-        layers: Sequence[int] | None = None,
-        disable_tqdm: bool = True,
-    ) -> list[tuple[float, bool]]:
-        """Score tokenized requests with given pathways ``{context ids: [1, len(layers), E]}``.
-
-        For analysis (e.g. the oracle); ``layers`` default to this model's critical layers.
-        """
-        self._pathways, self._layers = pathways, tuple(layers) if layers is not None else self.c3po.layer_ids
-        try:
-            with self._planned(requests):
-                return HFLM._loglikelihood_tokens(self, list(requests), disable_tqdm=disable_tqdm)
-        finally:
-            self._pathways, self._layers = {}, self.c3po.layer_ids
-
-    # -- the hook -------------------------------------------------------------
+    # -- routing hooks around lm-eval's own batches ----------------------------
 
     @contextmanager
-    def _planned(self, requests: Sequence[Request]) -> Iterator[None]:
-        self._plan = RowPlan(requests, self.max_length)
+    def hooked(self, hook: PathwayOverride | RoutingRecorder) -> Iterator[PathwayOverride | RoutingRecorder]:
+        """Run every forward pass lm-eval makes inside the block through ``hook`` (scoring: the hook's
+        ``around_call``; generation: a :class:`PathwayOverride`'s ``around_generate``)."""
+        if self._hook is not None:
+            raise RuntimeError("a routing hook is already active on this model")
+        self._hook = hook
         try:
-            yield
+            yield hook
         finally:
-            self._plan = None
-
-    @contextmanager
-    def _no_remix(self) -> Iterator[None]:
-        """Score with the model's own routing (perplexity requests, the builder's capture pass)."""
-        self._suspended = True
-        try:
-            yield
-        finally:
-            self._suspended = False
+            self._hook = None
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        plan = self._plan
-        if not plan or (not self._pathways and self._captured is None):
+        with self._hook.around_call(inps) if self._hook is not None else nullcontext():
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-        slots = [plan.match(row) for row in inps.tolist()]
-        lengths = [slot.context_len if slot else 1 for slot in slots]
-        positions = token_positions(self.c3po.tokens if self._captured is None else "last", lengths)
-        unmatched = torch.tensor([slot is None or slot.context_len < 1 for slot in slots])
-        positions[unmatched] = -1
-        if self._captured is not None:
-            with self.routing.capture(positions) as cap:
-                out = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-            for slot, routing in zip(slots, cap.routing[:, 0]):
-                if slot is not None:
-                    self._captured.setdefault(slot.context, routing)
-            return out
-        omega = self._pathway_batch([s.context if s else None for s in slots], positions.shape[1])
-        with self.routing.override(positions, omega, layers=self._layers):
-            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-
-    def _pathway_batch(self, keys: Sequence[tuple[int, ...] | None], num_positions: int) -> torch.Tensor:
-        """omega ``[B, P, L_crit, E]`` for rows keyed by context ids.
-
-        Rows without a pathway get any stored one as a placeholder: their
-        positions are -1, so the override never applies it.
-        """
-        placeholder = next(iter(self._pathways.values()))
-        omega = torch.stack([self._pathways.get(key, placeholder) for key in keys])
-        return omega.expand(-1, num_positions, -1, -1) if omega.shape[1] == 1 else omega
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        if not self._pathways:
-            return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        mask = generation_kwargs.get("attention_mask")
-        rows = context.tolist() if mask is None else [
-            [t for t, m in zip(row, mrow) if m] for row, mrow in zip(context.tolist(), mask.tolist())
-        ]
-        known = [tuple(r) in self._pathways for r in rows]
-        # lm-eval left-pads prompts: a prompt of n tokens occupies the last n positions.
-        lengths = torch.tensor([max(len(r), 1) for r in rows])
-        positions = token_positions(self.c3po.tokens, lengths) + (context.shape[1] - lengths).unsqueeze(1)
-        positions[~torch.tensor(known)] = -1
-        omega = self._pathway_batch([tuple(r) for r in rows], positions.shape[1])
-        ctx = self.routing.override(positions, omega, layers=self._layers, first_pass_only=True)
-        with ctx if any(known) else nullcontext():
+        hook = self._hook if isinstance(self._hook, PathwayOverride) else None
+        with hook.around_generate(context, generation_kwargs.get("attention_mask")) if hook else nullcontext():
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     # -- lm-eval's --use_cache ------------------------------------------------
@@ -316,3 +190,16 @@ class C3POLM(HFLM):
         info = super().get_model_info()
         info["c3po"] = self.c3po.to_dict()
         return info
+
+
+def score_with_pathways(lm: C3POLM, requests: Sequence[Request], pathways: Mapping[tuple[int, ...], torch.Tensor],
+                        layers: Sequence[int] | None = None) -> list[tuple[float, bool]]:
+    """lm-eval's ``(log-likelihood, is_greedy)`` of tokenized requests with given pathways written in.
+
+    ``pathways`` are ``{context ids: [1, len(layers), E]}``; ``layers`` default to
+    the model's critical layers. For analysis (e.g. the oracle): the rows are
+    lm-eval's own padded batches, as ``--model c3po`` would score them.
+    """
+    layers = tuple(layers) if layers is not None else lm.c3po.layer_ids
+    with lm.hooked(PathwayOverride(lm.routing, pathways, layers, lm.c3po.tokens, RowPlan(requests, lm.max_length))):
+        return lm._loglikelihood_tokens(list(requests), disable_tqdm=True)

@@ -7,6 +7,7 @@ it encodes any text without unknown tokens.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -14,8 +15,9 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-# Each family's config with its own knobs exercised (shared experts, dense
-# first layers, group-limited routing, renormalisation) at toy sizes.
+from lm_eval_c3po.routing.families import FAMILIES
+
+# Toy sizes shared by every family; each family's own knobs are in routing.families.FAMILIES.
 _COMMON = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -29,34 +31,6 @@ _COMMON = dict(
     # which would make every re-mixing test vacuous.
     initializer_range=0.2,
 )
-FAMILIES: dict[str, tuple[str, dict]] = {
-    "olmoe": ("OlmoeConfig", dict(num_experts=8, norm_topk_prob=False)),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32, norm_topk_prob=True),
-    ),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, moe_intermediate_size=32, norm_topk_prob=True, head_dim=8)),
-    "mixtral": ("MixtralConfig", dict(num_local_experts=8, head_dim=8)),
-    "deepseek_v2": (
-        "DeepseekV2Config",
-        dict(
-            n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
-            kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-            head_dim=8, topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
-            num_key_value_heads=4,
-        ),
-    ),
-    "deepseek_v3": (
-        "DeepseekV3Config",
-        dict(
-            n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
-            kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-            n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4,
-        ),
-    ),
-    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=8)),
-    "phimoe": ("PhimoeConfig", dict(num_local_experts=8)),
-}
 
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. Question: What is the capital of France? Answer: Paris. "
@@ -87,9 +61,9 @@ def make_tiny_model(family: str = "olmoe", seed: int = 0, vocab_size: int = 384,
     """A random-weight causal LM of ``family`` (a key of :data:`FAMILIES`), fp32, eval mode."""
     if family not in FAMILIES:
         raise KeyError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
-    config_name, extra = FAMILIES[family]
-    config = getattr(transformers, config_name)(
-        **{**_COMMON, **extra, "vocab_size": vocab_size, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 0,
+    entry = FAMILIES[family]
+    config = getattr(transformers, entry.config_class)(
+        **{**_COMMON, **entry.tiny, "vocab_size": vocab_size, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 0,
            **overrides}
     )
     torch.manual_seed(seed)
@@ -112,8 +86,6 @@ def write_mc_task(directory: str | Path, name: str, docs: list[dict]) -> Path:
     ``docs`` are ``{"question", "choices", "answer"}`` dicts; the prompt is
     ``Question: ...\nAnswer:`` and each choice follows after a space.
     """
-    import json
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / f"{name}.jsonl"

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lm_eval_c3po.embedding import DEFAULT_EMBEDDER
+from lm_eval_c3po.retrieve import DEFAULT_EMBEDDER
 from lm_eval_c3po.store import KEEP_POLICIES
 from reference_builders.errors import BuildError
 from reference_builders.presets import PRESETS
@@ -118,10 +118,9 @@ def build(args: argparse.Namespace) -> int:
     """Load tasks, model and embedder, harvest into the store (in parts when launched several times), report."""
     import lm_eval
 
-    from lm_eval_c3po.embedding import Embedder
-    from lm_eval_c3po.identity import lm_signature
     from lm_eval_c3po.lm_eval_model import C3POLM
-    from lm_eval_c3po.store import StoreManifest
+    from lm_eval_c3po.retrieve import Embedder
+    from lm_eval_c3po.store import StoreManifest, lm_signature
     from reference_builders.distributed import build_in_parts, check_parts, join
     from reference_builders.harvest import Harvester
     from reference_builders.presets import requested_tasks

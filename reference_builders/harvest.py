@@ -1,7 +1,7 @@
 """Score reference docs, capture their pathways, embed their questions, and stream records to the store.
 
-Scoring goes through ``C3POLM.loglikelihood_with_routing``, i.e. lm-eval's own
-``_loglikelihood_tokens``: the log-likelihoods are those of ``--model hf``
+Scoring goes through :func:`score_with_routing`, i.e. lm-eval's own
+``_loglikelihood_tokens`` with a routing recorder around its batches: the log-likelihoods are those of ``--model hf``
 (bit for bit at ``--batch_size 1``; at larger sizes up to the float noise of
 padding, as between two lm-eval runs of different batch sizes), and the
 routing ``[L, E]`` at each context's last token comes from the same forward
@@ -26,6 +26,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+import torch
+
+from lm_eval_c3po.score import Request, RoutingRecorder, RowPlan
 from lm_eval_c3po.store import Record, StoreWriter
 from reference_builders.scoring import judge
 from reference_builders.tasks import DocRequests
@@ -33,7 +36,13 @@ from reference_builders.tasks import DocRequests
 # Docs per scoring call: lm-eval sorts the call's requests by length and batches them by --batch_size.
 DOCS_PER_CALL = 128
 
-Request = tuple[tuple[str, str], list[int], list[int]]
+
+def score_with_routing(lm, requests: Sequence[Request]) -> tuple[list[tuple[float, bool]], list[torch.Tensor]]:
+    """Score requests exactly as ``--model hf`` does and capture, from the same forward passes, the
+    routing ``[L, E]`` (every MoE layer) at each request's last context token. ``lm`` is a ``C3POLM``."""
+    with lm.hooked(RoutingRecorder(lm.routing, RowPlan(requests, lm.max_length))) as recorder:
+        results = lm._loglikelihood_tokens(list(requests), disable_tqdm=True)
+    return results, [recorder.captured[tuple(context)] for _, context, _ in requests]
 
 
 def encode_request(lm, context: str, continuation: str) -> Request:
@@ -57,7 +66,7 @@ class Harvester:
     def records(self, docs: Sequence[DocRequests]) -> list[Record]:
         """One record per doc, in order: lm-eval's verdict, the gold context's pathway, the embedding."""
         requests = [encode_request(self.lm, c, x) for doc in docs for c, x in doc.arguments]
-        results, routing = self.lm.loglikelihood_with_routing(requests)
+        results, routing = score_with_routing(self.lm, requests)
         embeddings = self.embedder.encode([doc.question for doc in docs])
         out, start = [], 0
         for doc, embedding in zip(docs, embeddings, strict=True):

@@ -83,7 +83,7 @@ def builder_processes():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([
         __name__, "lm_eval", "lm_eval.tasks", "lm_eval.models.huggingface", "lm_eval_c3po.lm_eval_model",
-        "lm_eval_c3po.embedding", "sentence_transformers", "transformers.models.olmoe.modeling_olmoe",
+        "lm_eval_c3po.retrieve.embedding", "sentence_transformers", "transformers.models.olmoe.modeling_olmoe",
         "reference_builders.cli", "reference_builders.harvest", "reference_builders.tasks",
     ])
 

@@ -1,26 +1,22 @@
-"""CachedChoiceLoss == ChoiceLoss (values, gradients, NGD result) on tiny models; the prefix LRU."""
+"""The prefix-cached scorer == the reference scorer (values, gradients, NGD result) on tiny models; the prefix LRU."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
 import torch
 
-from lm_eval_c3po import methods
-from lm_eval_c3po.cached_loss import (
-    FAST_FAMILIES,
-    CachedChoiceLoss,
-    PrefixCache,
-    _chunks,
-    _pack,
-    build_tries,
-)
-from lm_eval_c3po.remix import ChoiceLoss, Example
-from lm_eval_c3po.routing import RoutingController
+from lm_eval_c3po import remix as methods
+from lm_eval_c3po.routing import FAMILIES, RoutingController
+from lm_eval_c3po.score import Example, PrefixCache, causal_row, choice_loss, trie_scorer
+from lm_eval_c3po.score.packing import chunk_by_cost, pack_first_fit
+from lm_eval_c3po.score.tries import build_tries
 from lm_eval_c3po.testing import make_tiny_model
 
 TOL = 1e-5
+reference_loss = functools.partial(choice_loss, cached=False)  # the whole model per row
 
 
 def _model(family: str):
@@ -51,7 +47,7 @@ def _value_and_grad(loss, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return value.detach(), torch.autograd.grad(value.sum(), omega)[0]
 
 
-@pytest.mark.parametrize("family", sorted(FAST_FAMILIES) + ["granitemoe"])
+@pytest.mark.parametrize("family", sorted(name for name, f in FAMILIES.items() if f.prefix_cached) + ["granitemoe"])
 @pytest.mark.parametrize(
     "tokens,max_length",
     [("last", 512), ("last:3", 512), ("first", 512), ("last", 10)],  # max_length=10 left-truncates most rows
@@ -61,8 +57,8 @@ def test_same_values_and_gradients(family, tokens, max_length):
     layers = list(range(routing.num_layers))[-2:]
     examples = _examples(seed=len(family) + max_length)
     weights = torch.tensor([[1.0, 0.5, 0.25], [0.2, 1.0, 0.0]])  # a zero weight: padding neighbour
-    naive = ChoiceLoss(model, routing, layers, tokens, examples, weights, max_length)
-    cached = CachedChoiceLoss(model, routing, layers, tokens, examples, weights, max_length, cache=PrefixCache())
+    naive = reference_loss(model, routing, layers, tokens, examples, weights, max_length)
+    cached = choice_loss(model, routing, layers, tokens, examples, weights, max_length, cache=PrefixCache())
     for omega in (_pathway(routing, (2, len(layers)), 0), _pathway(routing, (2, 4, len(layers)), 1)):  # [B, *G]
         want, want_grad = _value_and_grad(naive, omega)
         got, got_grad = _value_and_grad(cached, omega)
@@ -86,7 +82,7 @@ def test_ngd_reaches_the_same_pathway(family, layers):
     results = [
         methods.optimise_pathway(omega0, cls(model, routing, layer_ids, "last", examples, weights, 512, **extra),
                                  free, steps=10, simplex=simplex)
-        for cls, extra in ((ChoiceLoss, {}), (CachedChoiceLoss, {"cache": PrefixCache()}))
+        for cls, extra in ((choice_loss, {"cached": False}), (choice_loss, {"cache": PrefixCache()}))
     ]
     assert (results[0].omega - results[1].omega).abs().max() <= TOL
     assert (results[0].losses - results[1].losses).abs().max() <= TOL
@@ -114,12 +110,12 @@ def test_shared_neighbour_is_prepared_once_across_contexts_and_calls():
     seen = _count_embedded_tokens(model)
     cache = PrefixCache()
     layers = [routing.num_layers - 2, routing.num_layers - 1]
-    loss = CachedChoiceLoss(model, routing, layers, "last", examples, torch.ones(2, 2), 512, cache=cache)
+    loss = choice_loss(model, routing, layers, "last", examples, torch.ones(2, 2), 512, cache=cache)
     omega = _pathway(routing, (2, 2), 0)
     for _ in range(3):  # NGD calls the same loss object steps + 1 times
         loss(omega)
     assert cache.prepared == 3 and sum(seen) == sum(map(_prepared_tokens, (shared, a, b)))  # each once
-    again = CachedChoiceLoss(model, routing, layers, "last", [[c, shared]], torch.ones(1, 2), 512, cache=cache)
+    again = choice_loss(model, routing, layers, "last", [[c, shared]], torch.ones(1, 2), 512, cache=cache)
     again(omega[:1])
     assert cache.prepared == 4 and sum(seen) == sum(map(_prepared_tokens, rows))  # only the new neighbour c
 
@@ -128,45 +124,39 @@ def test_lru_is_bounded_by_bytes():
     model, routing = _model("olmoe")
     examples = _examples(seed=7, contexts=4)
     one = PrefixCache()
-    CachedChoiceLoss(model, routing, [routing.num_layers - 1], "last", examples[:1], torch.ones(1, 3), 512,
+    choice_loss(model, routing, [routing.num_layers - 1], "last", examples[:1], torch.ones(1, 3), 512,
                      cache=one)(_pathway(routing, (1, 1), 0))
     budget = 2 * one.nbytes  # room for about two contexts' neighbours
     cache = PrefixCache(max_bytes=budget)
     for b in range(4):
-        loss = CachedChoiceLoss(model, routing, [routing.num_layers - 1], "last", examples[b:b + 1],
+        loss = choice_loss(model, routing, [routing.num_layers - 1], "last", examples[b:b + 1],
                                 torch.ones(1, 3), 512, cache=cache)
         loss(_pathway(routing, (1, 1), b))
         assert cache.nbytes <= budget
     assert cache.prepared == 12 and len(cache) < 12
     first = examples[0][0]
-    CachedChoiceLoss(model, routing, [routing.num_layers - 1], "last", [[first]], torch.ones(1, 1), 512,
+    choice_loss(model, routing, [routing.num_layers - 1], "last", [[first]], torch.ones(1, 1), 512,
                      cache=cache)(_pathway(routing, (1, 1), 0))
     assert cache.prepared == 13  # the oldest was evicted, so it is prepared again
 
 
 def test_unsupported_family_falls_back_with_one_log_line(caplog):
-    from lm_eval_c3po import cached_loss
-
-    cached_loss._warned.discard("phimoe")
+    trie_scorer._warned.discard("phimoe")
     model, routing = _model("phimoe")
     examples = _examples(seed=9, contexts=1)
-    with caplog.at_level(logging.INFO, logger="lm_eval_c3po.cached_loss"):
+    with caplog.at_level(logging.INFO, logger="lm_eval_c3po.score.trie_scorer"):
         for _ in range(2):
-            loss = CachedChoiceLoss(model, routing, [routing.num_layers - 1], "last", examples, torch.ones(1, 3),
+            loss = choice_loss(model, routing, [routing.num_layers - 1], "last", examples, torch.ones(1, 3),
                                     512, cache=PrefixCache())
     assert sum("phimoe" in r.message for r in caplog.records) == 1
     omega = _pathway(routing, (1, 1), 0)
-    naive = ChoiceLoss(model, routing, [routing.num_layers - 1], "last", examples, torch.ones(1, 3), 512)
+    naive = reference_loss(model, routing, [routing.num_layers - 1], "last", examples, torch.ones(1, 3), 512)
     assert torch.equal(loss(omega), naive(omega))
 
 
 def _rows(context: list[int], answers: list[list[int]], max_length: int) -> list[tuple[list[int], int, list[int]]]:
-    """lm-eval's (truncated input row, context length, answer) per choice, as ChoiceLoss builds them."""
-    out = []
-    for answer in answers:
-        whole = (context + answer)[-(max_length + 1):][:-1]
-        out.append((whole, len(whole) - len(answer) + 1, answer))
-    return out
+    """lm-eval's (truncated input row, context length, answer) per choice, as the scorers build them."""
+    return [(*causal_row(context, answer, max_length), answer) for answer in answers]
 
 
 def test_choices_share_the_trunk_and_the_answer_tokens_they_agree_on():
@@ -201,7 +191,7 @@ def test_chunks_are_the_cheapest_split_within_the_budget():
     for _ in range(40):
         sizes = torch.randint(1, 60, (int(torch.randint(1, 8, (1,), generator=gen)),), generator=gen).tolist()
         budget, call = 120, 30
-        chunks = _chunks(sizes, budget, call_cost=call)
+        chunks = chunk_by_cost(sizes, budget, call_cost=call)
         assert sorted(n for chunk in chunks for n in chunk) == list(range(len(sizes)))
         assert all(len(c) == 1 or len(c) * max(sizes[n] for n in c) <= budget for c in chunks)
         order = sorted(range(len(sizes)), key=lambda n: -sizes[n])
@@ -228,7 +218,7 @@ def _split(order: list[int], mask: int) -> list[list[int]]:
 
 def test_packing_fills_rows_of_twice_the_longest_prefix():
     sizes = [7, 0, 3, 5, 2, 7, 1, 4]
-    rows = _pack(sizes)
+    rows = pack_first_fit(sizes)
     assert sorted(n for row in rows for n in row) == [n for n, size in enumerate(sizes) if size]  # empty: no row
     assert all(sum(sizes[n] for n in row) <= 2 * max(sizes) for row in rows)
     assert [[sizes[n] for n in row] for row in rows] == [[7, 7], [5, 4, 3, 2], [1]]  # first fit, longest first
@@ -242,19 +232,17 @@ def test_eager_attention_gets_the_additive_tree_mask():
     layers = [routing.num_layers - 2, routing.num_layers - 1]
     examples = _examples(seed=11)
     weights = torch.ones(2, 3)
-    naive = ChoiceLoss(model, routing, layers, "last", examples, weights, 512)
-    cached = CachedChoiceLoss(model, routing, layers, "last", examples, weights, 512, cache=PrefixCache())
+    naive = reference_loss(model, routing, layers, "last", examples, weights, 512)
+    cached = choice_loss(model, routing, layers, "last", examples, weights, 512, cache=PrefixCache())
     omega = _pathway(routing, (2, 3, len(layers)), 4)
     (want, want_grad), (got, got_grad) = _value_and_grad(naive, omega), _value_and_grad(cached, omega)
     assert (got - want).abs().max() <= TOL and (got_grad - want_grad).abs().max() <= TOL
 
 
 def test_attention_without_arbitrary_masks_takes_the_reference_path(caplog):
-    from lm_eval_c3po import cached_loss
-
     model, routing = _model("mixtral")
     model.config._attn_implementation = "flash_attention_2"  # only read here: the model never runs
-    cached_loss._warned.discard("mixtral")
-    with caplog.at_level(logging.INFO, logger="lm_eval_c3po.cached_loss"):
-        assert not cached_loss.fast_path_applies(model, routing, [routing.num_layers - 1], 512)
+    trie_scorer._warned.discard("mixtral")
+    with caplog.at_level(logging.INFO, logger="lm_eval_c3po.score.trie_scorer"):
+        assert not trie_scorer.fast_path_applies(model, routing, [routing.num_layers - 1], 512)
     assert "flash_attention_2" in caplog.text and "takes no tree mask" in caplog.text

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from lm_eval_c3po.embedding import DEFAULT_EMBEDDER, Embedder
+from lm_eval_c3po.retrieve import DEFAULT_EMBEDDER, Embedder
 from lm_eval_c3po.store import ReferenceStore, StoreWriter
 from lm_eval_c3po.store.synthetic import synthetic_manifest, synthetic_record
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lm_eval.utils import simple_parse_args_string
 
-from lm_eval_c3po.config import C3POConfig, C3POConfigError
+from lm_eval_c3po.remix import C3POConfig, C3POConfigError
 from lm_eval_c3po.routing import SpecError
 from lm_eval_c3po.store import ReferenceStore, StoreError, StoreWriter
 from lm_eval_c3po.store.synthetic import synthetic_manifest, synthetic_record

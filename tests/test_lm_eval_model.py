@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from lm_eval_c3po.config import C3POConfig, C3POConfigError
+from lm_eval_c3po.remix import C3POConfig, C3POConfigError
 
 
 def _lm_eval(model: str, model_args: str, tasks: str, include: str, out: str, *extra: str) -> list[dict]:
@@ -66,7 +66,9 @@ def test_routing_captured_while_scoring_equals_capture_api(base_lm):
              ("Question: Where does the sun rise?\nAnswer:", " west"),
              ("Question: What is the capital of France?\nAnswer:", " Paris")]
     requests = [((c, x), *base_lm._encode_pair(c, x)) for c, x in texts]
-    results, routing = base_lm.loglikelihood_with_routing(requests)
+    from reference_builders.harvest import score_with_routing
+
+    results, routing = score_with_routing(base_lm, requests)
     assert [r[0] for r in results] == [r[0] for r in base_lm._loglikelihood_tokens(requests)]
     for (_, context, _), captured in zip(requests, routing):
         ids = torch.tensor([context])
@@ -116,7 +118,7 @@ def test_core_experts_outside_top_k_and_experts(base_lm):
 
 
 def test_row_plan_follows_lm_evals_left_truncation_and_padding():
-    from lm_eval_c3po.lm_eval_model import RowPlan
+    from lm_eval_c3po.score import RowPlan
 
     context, continuation = list(range(10, 20)), [7, 8, 9]
     short = ([3, 4], [5])

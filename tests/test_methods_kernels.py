@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lm_eval_c3po.methods import (
+from lm_eval_c3po.retrieve import (
     KernelSpec,
     kernel_values,
     kernel_weights,

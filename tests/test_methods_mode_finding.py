@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lm_eval_c3po.methods import mean_shift
+from lm_eval_c3po.remix import mean_shift
 
 # L = 1 layer, E = 2 experts
 OMEGA0 = torch.tensor([[[0.8, 0.2]]], dtype=torch.float64)

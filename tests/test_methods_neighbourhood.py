@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm_eval_c3po.methods import epsilon_ball, k_nearest
+from lm_eval_c3po.retrieve import epsilon_ball, k_nearest
 
 NAN = math.nan
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm_eval_c3po.methods import core_expert_mask, lr_at, optimise_pathway
+from lm_eval_c3po.remix import core_expert_mask, lr_at, optimise_pathway
 
 B, L, E, C = 3, 2, 6, 4
 

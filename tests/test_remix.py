@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from conftest import TINY_MC_DOCS
-from lm_eval_c3po.config import C3POConfig
-from lm_eval_c3po.remix import ChoiceLoss, Example, Remixer
+from lm_eval_c3po import remix as methods
+from lm_eval_c3po.lm_eval_model import score_with_pathways
+from lm_eval_c3po.remix import C3POConfig, Remixer
+from lm_eval_c3po.score import Example, TrieScorer, choice_loss
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +44,10 @@ def _examples(lm, docs):
 def test_ngd_lowers_the_neighbourhood_loss(lm, store_dir):
     remixer = _remixer(lm, store_dir, method="ngd", steps=10)
     texts = [f"Question: {q}\nAnswer:" for q, _, _ in TINY_MC_DOCS]
-    neighbours, weights = remixer._neighbours(texts)
+    neighbours, weights = remixer.retriever(texts)
     loss = remixer.neighbourhood_loss(neighbours, weights)
     contexts = [lm.tok_encode(t) for t in texts]
     omega0 = remixer.own_pathways(contexts)
-    from lm_eval_c3po import methods
-
     free = methods.core_expert_mask(omega0, remixer.config.core_experts, lm.routing.top_k)
     result = methods.optimise_pathway(omega0, loss, free, steps=10)
     first, best = result.losses[:, 0], result.best_loss
@@ -64,8 +64,8 @@ def test_oracle_lowers_each_samples_own_loss(lm, store_dir):
         choice = list(rng.choice(words, 3, replace=False))
         docs.append((f"Which word comes next, {words[n % 10]} or {choice[0]}?", choice, int(rng.integers(3))))
     examples = _examples(lm, docs)
-    own = ChoiceLoss(lm.model, lm.routing, remixer.layer_ids, "last", [[e] for e in examples],
-                     torch.ones(len(examples), 1), lm.max_length)
+    own = choice_loss(lm.model, lm.routing, remixer.layer_ids, "last", [[e] for e in examples],
+                      torch.ones(len(examples), 1), lm.max_length, cached=False)
     with torch.no_grad():
         before = own(remixer.own_pathways([e.context for e in examples]))
         after = own(remixer.oracle(examples))
@@ -78,7 +78,7 @@ def test_kernel_regression_k1_alpha0_writes_the_neighbours_pathway(lm, store_dir
     text = "Question: Where does the sun rise?\nAnswer:"
     context = lm.tok_encode(text)
     omega = remixer.pathways([text], [context])[tuple(context)][0]
-    neighbours, _ = remixer._neighbours([text])
+    neighbours, _ = remixer.retriever([text])
     row = int(neighbours.indices[0, 0])
     assert row != 2  # the question itself (cosine 1) is dropped as a near-duplicate
     expected = torch.from_numpy(np.asarray(remixer.store.routing[row][remixer.layer_ids]))
@@ -193,8 +193,6 @@ def test_use_cache_resumes_and_refuses_other_settings(tiny_model_dir, tiny_task_
     from lm_eval.tasks import TaskManager
 
     from lm_eval_c3po.lm_eval_model import CacheSettingsError
-    from lm_eval_c3po.remix import Remixer
-
     calls = []
     real = Remixer._remix
     monkeypatch.setattr(Remixer, "_remix", lambda self, *a: calls.append(1) or real(self, *a))
@@ -231,40 +229,34 @@ def test_scoring_from_the_capture_pass_equals_hooked_lm_eval_batches(lm, store_d
     pathways = remixer.pathways(texts, contexts)
     requests = [((t, c), ctx, cont) for t, ctx, cs, ccs in zip(texts, contexts, choices, conts)
                 for c, cont in zip(cs, ccs)]
-    hooked = lm.loglikelihood_with_pathways(requests, pathways)
+    hooked = score_with_pathways(lm, requests, pathways)
     flat = [answer for per_context in fast for answer in per_context]
     assert np.abs(np.array([a[0] for a in flat]) - np.array([h[0] for h in hooked])).max() <= 1e-4
     assert [a[1] for a in flat] == [h[1] for h in hooked]
 
 
 def test_own_routing_from_the_prepared_trie_equals_the_capture_api(lm, store_dir):
-    from lm_eval_c3po.cached_loss import CachedChoiceLoss
-
     remixer = _remixer(lm, store_dir, method="ngd")
     examples = _examples(lm, TINY_MC_DOCS[:4])
-    scorer = CachedChoiceLoss(lm.model, lm.routing, remixer.layer_ids, "last", [[e] for e in examples],
-                              torch.ones(len(examples), 1), lm.max_length)
+    scorer = TrieScorer(lm.model, lm.routing, remixer.layer_ids, "last", [[e] for e in examples], lm.max_length)
     expected = remixer.own_pathways([e.context for e in examples])
     assert torch.allclose(scorer.own_routing(), expected, atol=1e-5)
 
 
 def test_answers_share_their_common_leading_tokens(lm, store_dir):
     """Choices share the last context token and the answer tokens they agree on (one trie per example)."""
-    from lm_eval_c3po.cached_loss import CachedChoiceLoss
-
     remixer = _remixer(lm, store_dir, method="ngd")
     context = lm.tok_encode("Question: Which is a mammal?\nAnswer:")
     a, b = lm.tok_encode(" whale")[:1], lm.tok_encode(" fox")[:1]
     example = Example(context, [a, b, a + b], 0)
-    scorer = CachedChoiceLoss(lm.model, lm.routing, remixer.layer_ids, "last", [[example]], torch.ones(1, 1),
-                              lm.max_length)
+    scorer = TrieScorer(lm.model, lm.routing, remixer.layer_ids, "last", [[example]], lm.max_length)
     ll, _ = scorer.row_scores(remixer.own_pathways([context]))
     # Inputs after the split: [last], [last], [last, a]: one trie of two nodes serves all three choices.
-    (trie,) = scorer._trie_batch().tries
+    (trie,) = scorer.trie_batch().tries
     assert trie.tokens == [context[-1], a[0]] and trie.parent == [-1, 0]
     assert trie.scored == {0: [(0, a[0])], 1: [(0, b[0])], 2: [(0, a[0]), (1, b[0])]}
-    naive = ChoiceLoss(lm.model, lm.routing, remixer.layer_ids, "last", [[example]], torch.ones(1, 1),
-                       lm.max_length)
+    naive = choice_loss(lm.model, lm.routing, remixer.layer_ids, "last", [[example]], torch.ones(1, 1),
+                        lm.max_length, cached=False)
     with torch.no_grad():
-        expected = naive._log_likelihoods(remixer.own_pathways([context]), [(0, row) for row in naive._rows], 1)
+        expected = naive.scorer(remixer.own_pathways([context]), 1)
     assert torch.allclose(ll, expected, atol=1e-5)

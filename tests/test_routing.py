@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm_eval_c3po.routing import NotAnMoEModelError, RoutingController, SpecError, parse_layers, token_positions
-from lm_eval_c3po.testing import FAMILIES, make_tiny_model
+from lm_eval_c3po.routing import (
+    FAMILIES,
+    NotAnMoEModelError,
+    RoutingController,
+    SpecError,
+    detect_rule,
+    parse_layers,
+    token_positions,
+)
+from lm_eval_c3po.testing import make_tiny_model
 
 VOCAB = 384
 
@@ -169,3 +177,20 @@ def test_position_beyond_sequence_is_refused():
     with pytest.raises(IndexError, match="beyond the sequence length"):
         with torch.no_grad(), ctl.capture(torch.tensor([[12]])):
             model(torch.randint(2, VOCAB, (1, 5)))
+
+
+def test_the_family_table_names_the_rule_an_unlisted_sibling_would_get(family_model):
+    """A sibling family missing from the table falls back to detect_rule: it must agree with the table."""
+    name, _, ctl = family_model
+    assert ctl.family is FAMILIES[name]
+    assert all(type(layer.adapter) is FAMILIES[name].rule is detect_rule(layer.router) for layer in ctl.layers)
+
+
+def test_mixed_router_kinds_are_refused_naming_the_layers():
+    model = make_tiny_model("deepseek_v3", vocab_size=VOCAB)
+    sigmoid = model.model.layers[1].mlp.gate
+    del sigmoid.e_score_correction_bias  # now detected as a softmax router of DeepSeek-V2's kind
+    model.config.model_type = "deepseek_v3_sibling"  # not in the table: the rule comes from each router
+    with pytest.raises(NotAnMoEModelError, match=r"mix router score kinds .*'softmax': \[0\].*'sigmoid': \[1\]|"
+                                                 r"mix router score kinds .*'sigmoid': \[1\].*'softmax': \[0\]"):
+        RoutingController(model)

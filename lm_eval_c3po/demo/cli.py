@@ -121,8 +121,9 @@ def oracle_accuracy(lm, docs: list[dict], batch: int = 32, **options) -> float:
     ``docs`` hold ``context``, ``choices`` and ``gold``; choices are continuations after a space.
     ``options`` are ``--model c3po`` options (steps, layers, ...).
     """
-    from lm_eval_c3po.config import C3POConfig
-    from lm_eval_c3po.remix import Example, oracle_pathways
+    from lm_eval_c3po.lm_eval_model import score_with_pathways
+    from lm_eval_c3po.remix import C3POConfig, oracle_pathways
+    from lm_eval_c3po.score import Example
 
     config = C3POConfig.from_model_args(options).resolved_for(lm.routing)
     requests, examples = [], []
@@ -135,7 +136,7 @@ def oracle_accuracy(lm, docs: list[dict], batch: int = 32, **options) -> float:
         chunk = examples[at:at + batch]
         omega = oracle_pathways(lm.model, lm.routing, config, chunk, lm.max_length)
         pathways.update({tuple(ex.context): omega[b].unsqueeze(0) for b, ex in enumerate(chunk)})
-    scores = [r[0] for r in lm.loglikelihood_with_pathways(requests, pathways, layers=config.layer_ids)]
+    scores = [r[0] for r in score_with_pathways(lm, requests, pathways, layers=config.layer_ids)]
     correct, cursor = 0, 0
     for doc in docs:
         n = len(doc["choices"])

@@ -1,13 +1,15 @@
 """Routing control for transformers MoE families: capture and override pathways."""
 
-from lm_eval_c3po.routing.adapters import RouterAdapter, adapter_for
+from lm_eval_c3po.routing.adapters import RouterAdapter, detect_rule, is_router
 from lm_eval_c3po.routing.control import (
     MoELayer,
     NotAnMoEModelError,
     RoutingCapture,
     RoutingController,
     input_device,
+    own_pathways,
 )
+from lm_eval_c3po.routing.families import FAMILIES, Family, family_of
 from lm_eval_c3po.routing.specs import (
     DEFAULT_LAYERS,
     DEFAULT_TOKENS,
@@ -18,6 +20,8 @@ from lm_eval_c3po.routing.specs import (
 )
 
 __all__ = [
+    "FAMILIES",
+    "Family",
     "DEFAULT_LAYERS",
     "DEFAULT_TOKENS",
     "MoELayer",
@@ -26,7 +30,10 @@ __all__ = [
     "RoutingCapture",
     "RoutingController",
     "SpecError",
-    "adapter_for",
+    "detect_rule",
+    "family_of",
+    "is_router",
+    "own_pathways",
     "input_device",
     "parse_layers",
     "token_positions",

@@ -12,18 +12,18 @@ about one family, both pure functions of tensors:
   equal to ``distribution(router, logits)`` this reproduces the router's own
   output, and it is differentiable in omega.
 
-Adapters are chosen from what a router module *is* (its class name pattern
-and the attributes transformers gives it), not from checkpoint-specific
-attribute paths, so sibling families (Qwen3-VL-MoE, DeepSeek-V3.2,
-GraniteMoeShared, ...) are picked up as long as their router has the same
-shape of interface.
+Routers are found by what a module *is* (a ``*TopKRouter`` with a ``top_k``).
+Each listed family names its rule in :data:`~lm_eval_c3po.routing.families.FAMILIES`;
+for a sibling family not listed (Qwen3-VL-MoE, DeepSeek-V3.2, GraniteMoeShared,
+...) :func:`detect_rule` reads the rule from the attributes transformers gives
+its router.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -35,10 +35,10 @@ _ROUTER_CLASS = re.compile(r"TopKRouter$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class RouterAdapter:
-    """The routing rule of one MoE family (see the module docstring)."""
+    """The routing rule of one MoE family (see the module docstring); ``name`` is the router's class name."""
 
     name: str
-    kind: RoutingKind
+    kind: ClassVar[RoutingKind] = "softmax"
 
     def distribution(self, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -84,6 +84,8 @@ class DeepseekV3Rule(RouterAdapter):
     The expert *selection* uses the bias, the *weights* do not: the same rule
     the router applies, with omega standing in for ``sigmoid(logits)``.
     """
+
+    kind: ClassVar[RoutingKind] = "sigmoid"
 
     def route(self, router, omega, logits):
         choice = omega + router.e_score_correction_bias.to(omega.dtype)
@@ -137,15 +139,18 @@ def _mask_to_top_groups(router, choice: torch.Tensor, group_score: str, fill: fl
     return choice.masked_fill(~keep, fill)
 
 
-def adapter_for(module: nn.Module) -> RouterAdapter | None:
-    """The adapter for ``module`` if it is an MoE router we know how to drive, else None."""
-    name = type(module).__name__
-    if not _ROUTER_CLASS.search(name) or not hasattr(module, "top_k"):
-        return None
-    if name.lower().startswith("phimoe"):
-        return PhimoeSparseMixer(name, "softmax")
+def is_router(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers 5.x MoE router (``*TopKRouter`` with a ``top_k``)."""
+    return bool(_ROUTER_CLASS.search(type(module).__name__)) and hasattr(module, "top_k")
+
+
+def detect_rule(module: nn.Module) -> type[RouterAdapter]:
+    """The rule of a router of a family missing from :data:`~lm_eval_c3po.routing.families.FAMILIES`,
+    read from what the router has (siblings such as Qwen3-VL-MoE or DeepSeek-V3.2)."""
+    if type(module).__name__.lower().startswith("phimoe"):
+        return PhimoeSparseMixer
     if hasattr(module, "e_score_correction_bias"):
-        return DeepseekV3Rule(name, "sigmoid")
+        return DeepseekV3Rule
     if hasattr(module, "routed_scaling_factor"):
-        return DeepseekV2Rule(name, "softmax")
-    return SoftmaxTopK(name, "softmax")
+        return DeepseekV2Rule
+    return SoftmaxTopK

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lm_eval_c3po.routing.adapters import RouterAdapter, RoutingKind, adapter_for
+from lm_eval_c3po.routing.adapters import RouterAdapter, RoutingKind, detect_rule, is_router
+from lm_eval_c3po.routing.families import family_of
 
 
 class NotAnMoEModelError(ValueError):
@@ -81,10 +82,12 @@ class RoutingController:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.family = family_of(model)
         self.layers: list[MoELayer] = []
         for name, module in model.named_modules():
-            adapter = adapter_for(module)
-            if adapter is not None:
+            if is_router(module):
+                rule = self.family.rule if self.family is not None else detect_rule(module)
+                adapter = rule(type(module).__name__)
                 self.layers.append(MoELayer(len(self.layers), _decoder_layer_of(name), name, module, adapter))
         if not self.layers:
             raise NotAnMoEModelError(
@@ -99,8 +102,14 @@ class RoutingController:
         self.num_experts: int = first.num_experts
         self.top_k: int = first.top_k
         kinds = {layer.adapter.kind for layer in self.layers}
+        if len(kinds) != 1:
+            by_kind = {kind: [layer.index for layer in self.layers if layer.adapter.kind == kind] for kind in kinds}
+            raise NotAnMoEModelError(
+                f"MoE layers mix router score kinds {by_kind} (MoE layer indices): a pathway is one kind of "
+                "distribution per model (softmax rows are re-mixed on the simplex, sigmoid rows in [0, 1]), "
+                "so such a model is not supported"
+            )
         self.routing_kind: RoutingKind = kinds.pop()
-        self.family: str = self.layers[0].adapter.name
 
     @property
     def num_layers(self) -> int:
@@ -215,3 +224,19 @@ class RoutingController:
 
         with self._hooks({i: make_hook(self.layers[i], slot) for slot, i in enumerate(layers)}):
             yield
+
+
+def own_pathways(model: nn.Module, routing: RoutingController, layer_ids: Sequence[int],
+                 contexts: Sequence[Sequence[int]], max_length: int) -> torch.Tensor:
+    """The model's own routing ``[B, L_crit, E]`` at each context's last token (one capture pass).
+
+    Contexts are left-truncated to ``max_length`` as lm-eval truncates them.
+    """
+    contexts = [list(c)[-max_length:] for c in contexts]
+    ids = torch.zeros(len(contexts), max(map(len, contexts)), dtype=torch.long)
+    for b, c in enumerate(contexts):
+        ids[b, : len(c)] = torch.tensor(c)
+    positions = torch.tensor([[len(c) - 1] for c in contexts])
+    with torch.no_grad(), routing.capture(positions, layers=layer_ids) as cap:
+        model(ids.to(input_device(model)))
+    return cap.routing[:, 0].float()

@@ -2,7 +2,7 @@
 
 Write with ``StoreWriter`` (sharded, atomic, resumable), read with
 ``ReferenceStore.load`` (validated against the model and embedder), search
-with ``ReferenceStore.knn`` / ``within``. See DESIGN.md, "The reference store".
+with ``ReferenceStore.knn`` / ``within``. The format is described in the README, "Reference stores".
 """
 
 from lm_eval_c3po.store.errors import (
@@ -14,6 +14,7 @@ from lm_eval_c3po.store.errors import (
     StoreLockedError,
     StoreMismatchError,
 )
+from lm_eval_c3po.store.identity import lm_signature, model_signature
 from lm_eval_c3po.store.manifest import FORMAT_VERSION, SourceCounts, StoreManifest
 from lm_eval_c3po.store.record import Record
 from lm_eval_c3po.store.reference_store import ReferenceStore
@@ -45,5 +46,7 @@ __all__ = [
     "StoreMismatchError",
     "StoreWriter",
     "config_fingerprint",
+    "lm_signature",
+    "model_signature",
     "tokenizer_fingerprint",
 ]

@@ -14,12 +14,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lm_eval_c3po.remix.methods import METHODS
+from lm_eval_c3po.remix.ngd import SCHEDULES
+from lm_eval_c3po.retrieve import DEFAULT_EMBEDDER, KERNEL_CHOICES
 from lm_eval_c3po.routing import DEFAULT_TOKENS, RoutingController, parse_layers, validate_token_spec
 
-METHODS = ("base", "mode_finding", "kernel_regression", "ngd", "icl")
-KERNELS = ("gaussian", "matern", "matern1.5", "matern2.5", "polynomial", "linear")  # matern = matern1.5
-SCHEDULES = ("cosine", "linear", "constant")
-DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_CORE_EXPERTS = 20
 DEFAULT_LAST_LAYERS = 5
 INT_FIELDS = ("k", "steps", "mode_iters", "remix_batch_size", "seed", "core_experts")
@@ -79,8 +78,8 @@ class C3POConfig:
         return dataclasses.replace(config, **ints)  # k=3.0 from a YAML or a script is k=3
 
     def validate(self) -> None:
-        _choice("method", self.method, METHODS)
-        _choice("kernel", self.kernel, KERNELS)
+        _choice("method", self.method, tuple(METHODS))
+        _choice("kernel", self.kernel, KERNEL_CHOICES)
         _choice("schedule", self.schedule, SCHEDULES)
         _number("k", self.k, int, low=1)
         _number("steps", self.steps, int, low=0)
@@ -98,7 +97,7 @@ class C3POConfig:
         if self.core_experts is not None:
             _number("core_experts", self.core_experts, int, low=1)
         validate_token_spec(self.tokens)
-        if self.method not in ("base",) and not self.reference:
+        if METHODS[self.method].needs_reference and not self.reference:
             raise C3POConfigError(
                 f"method={self.method} needs reference stores: add reference=DIR (several: DIR1+DIR2), "
                 "built with `c3po build-reference`"

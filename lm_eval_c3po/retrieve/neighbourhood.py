@@ -11,7 +11,7 @@ The epsilon-ball is defined on the cosine: ``cos(x_i, x) >= 1 - epsilon``
 (equivalently a Euclidean ball of radius ``sqrt(2 epsilon)`` on the unit
 sphere). It can only contain candidates the store retrieved, so the store's
 candidate count caps its size. If the ball is empty, the single nearest
-candidate is used and the context is flagged (``fallback``), so the lead can
+candidate is used and the context is flagged (``fallback``), so a run can
 report how often the ball was too small.
 
 Order: neighbours come sorted by decreasing similarity, ties broken by the

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lm_eval_c3po.methods.core_experts import check_free_mask, restrict_to_free
+from lm_eval_c3po.remix.core_experts import check_free_mask, restrict_to_free
 
 ALPHA_GRID: tuple[float, ...] = tuple(i / 10 for i in range(11))
 
@@ -42,25 +42,6 @@ def weighted_average(weights: Tensor, pathways: Tensor) -> Tensor:
     return terms.sum(dim=-3) / total[..., None, None]
 
 
-def neighbourhood_loss(losses: Tensor, weights: Tensor) -> Tensor:
-    """The NGD / alpha-search objective ``sum_i w_i l_i / sum_i w_i``: ``[..., k]`` -> ``[...]``.
-
-    ``losses`` are the neighbours' gold-answer losses with omega written in,
-    ``weights`` their kernel weights (e.g. from
-    :func:`~lm_eval_c3po.methods.kernels.kernel_weights_from_cosine`); the two
-    broadcast (e.g. losses ``[B, G, k]`` of alpha candidates, weights ``[B, 1, k]``).
-    Neighbours with weight 0 (padding) contribute nothing, not even a NaN or
-    inf loss, in the value or the gradient. Differentiable in ``losses``.
-    """
-    if losses.shape[-1] != weights.shape[-1]:
-        raise ValueError(f"losses {tuple(losses.shape)} and weights {tuple(weights.shape)} must share the neighbour dim")
-    total = weights.sum(dim=-1)
-    if not bool((total > 0).all()):
-        raise ValueError("every row of weights must have a positive sum (a context without neighbours has no loss)")
-    safe = torch.where(weights > 0, losses, torch.zeros_like(losses))
-    return (weights * safe).sum(dim=-1) / total
-
-
 def blend(
     omega0: Tensor, target: Tensor, alpha: float | Tensor, free_mask: Tensor | None = None, simplex: bool = True
 ) -> Tensor:
@@ -69,7 +50,7 @@ def blend(
     ``alpha`` broadcasts against ``omega0`` (a float, or a tensor shaped
     ``[..., 1, 1]``). A blend of two distributions is a distribution, so without
     a mask no projection is needed; with one, see
-    :func:`~lm_eval_c3po.methods.core_experts.restrict_to_free`.
+    :func:`~lm_eval_c3po.remix.core_experts.restrict_to_free`.
     """
     mixed = alpha * omega0 + (1 - alpha) * target
     if free_mask is None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from lm_eval_c3po.routing import RoutingController
 from lm_eval_c3po.store.signature import ModelSignature, config_fingerprint, tokenizer_fingerprint
 
 
-def model_signature(model, tokenizer, routing: RoutingController, model_id: str, revision: str | None) -> ModelSignature:
-    """What a store must agree with to be used for ``model``: fingerprints and MoE shape."""
+def model_signature(model, tokenizer, routing, model_id: str, revision: str | None) -> ModelSignature:
+    """What a store must agree with to be used for ``model``: fingerprints and MoE shape.
+
+    ``routing`` is the model's :class:`~lm_eval_c3po.routing.RoutingController` (read for its MoE shape only).
+    """
     return ModelSignature(
         model_id=str(model_id),
         revision=str(revision or "main"),

@@ -9,14 +9,14 @@ neighbours' gold answers with the test context's pathway written in:
 starting from the test sample's own pathway, for ``steps`` steps with a cosine
 learning rate ``1e-1 -> 1e-5``. The caller supplies ``L`` as ``loss_fn``; with
 the test sample's own gold loss instead, the same optimiser is the *oracle*.
-:func:`~lm_eval_c3po.methods.kernel_regression.neighbourhood_loss` turns the
+:func:`~lm_eval_c3po.score.loss.neighbourhood_loss` turns the
 neighbours' per-example losses into ``L``.
 
 Parametrisation: projected gradient descent directly on the routing weights.
 Each step is the update above as written, in routing-weight units (lr = 0.1
 moves a weight by 0.1 per unit of gradient), followed by the Euclidean
 projection of the free entries onto the admissible set
-(:func:`~lm_eval_c3po.methods.core_experts.project_free`):
+(:func:`~lm_eval_c3po.remix.core_experts.project_free`):
 the free experts share exactly the mass the fixed experts leave
 (``simplex=True``), or stay in ``[0, 1]`` (``simplex=False``, sigmoid scores).
 Compared with a softmax over logits, this keeps fixed entries untouched by
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lm_eval_c3po.methods.core_experts import check_free_mask, check_pathway, project_free
+from lm_eval_c3po.remix.core_experts import check_free_mask, check_pathway, project_free
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -108,7 +108,7 @@ def optimise_pathway(
     respect to ``omega``; it is called ``steps + 1`` times with the whole
     batch (stopped contexts get their best omega). ``free_mask [B, L, E]``
     (bool) marks the entries that may move (core experts of the critical
-    layers; see :func:`~lm_eval_c3po.methods.core_experts.core_expert_mask`).
+    layers; see :func:`~lm_eval_c3po.remix.core_experts.core_expert_mask`).
     Extra row dims (``[B, ..., E]``) work the same.
     """
     if omega0.ndim < 2:

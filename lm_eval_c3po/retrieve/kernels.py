@@ -49,6 +49,8 @@ import torch
 from torch import Tensor
 
 KERNEL_NAMES = ("gaussian", "matern1.5", "matern2.5", "polynomial", "linear")
+KERNEL_ALIASES = {"matern": "matern1.5"}
+KERNEL_CHOICES = KERNEL_NAMES + tuple(KERNEL_ALIASES)  # what users may name
 _DISTANCE_KERNELS = ("gaussian", "matern1.5", "matern2.5")
 _MIN_BANDWIDTH = 1e-12
 
@@ -77,8 +79,8 @@ class KernelSpec:
 
 
 def as_kernel_spec(kernel: str | KernelSpec) -> KernelSpec:
-    """Accept a kernel name or a :class:`KernelSpec`."""
-    return kernel if isinstance(kernel, KernelSpec) else KernelSpec(kernel)
+    """Accept a kernel name (or alias, :data:`KERNEL_ALIASES`) or a :class:`KernelSpec`."""
+    return kernel if isinstance(kernel, KernelSpec) else KernelSpec(KERNEL_ALIASES.get(kernel, kernel))
 
 
 def sphere_distance(cos: Tensor) -> Tensor:

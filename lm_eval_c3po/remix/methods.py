@@ -1,0 +1,115 @@
+"""The methods of ``--model c3po``: one :class:`Method` entry each. Add a method here.
+
+A method either re-mixes pathways (``pathway``: a :class:`Problem`, the test
+contexts' own pathways and their neighbourhoods, to a :class:`Solution`) or
+rewrites prompts (``rewrites_prompt``: the ICL baseline), or neither (base,
+which must reproduce ``--model hf``). The maths each one calls are pure
+functions in this package (:mod:`.mode_finding`, :mod:`.kernel_regression`,
+:mod:`.ngd`, :mod:`.core_experts`), tested on their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lm_eval_c3po.remix.kernel_regression import blend, choose_alpha, weighted_average
+from lm_eval_c3po.remix.mode_finding import mean_shift
+from lm_eval_c3po.remix.ngd import NGDResult, optimise_pathway
+from lm_eval_c3po.retrieve import KernelSpec, Neighbours
+from lm_eval_c3po.score import ChoiceLoss
+
+MODE_FINDING_ALPHA = 0.5  # mode finding's step when alpha is not given
+
+
+class MethodOptions(Protocol):
+    """The ``--model c3po`` options methods read (:class:`~lm_eval_c3po.remix.config.C3POConfig` has them)."""
+
+    k: int
+    alpha: float | None
+    mode_iters: int
+    bandwidth: float | None
+    steps: int
+    lr: float
+    lr_min: float
+    schedule: str
+
+
+@dataclass
+class Problem:
+    """One batch of test contexts to re-mix: their own pathways and what retrieval found for them."""
+
+    omega0: Tensor  # [B, L_crit, E] the model's own pathways
+    free: Tensor  # [B, L_crit, E] the core experts that may move
+    neighbours: Neighbours
+    weights: Tensor  # [B, m] kernel weights, 0 on padding
+    neighbour_pathways: Callable[[], Tensor]  # [B, m, L_crit, E], read on demand
+    reference_pathways: Callable[[], Tensor]  # [N, L_crit, E] of the whole store, read on demand
+    loss: Callable[[], ChoiceLoss]  # the neighbourhood loss, built on demand
+    options: MethodOptions
+    kernel: KernelSpec
+    simplex: bool  # softmax rows stay on the simplex; sigmoid rows in [0, 1]
+
+
+@dataclass
+class Solution:
+    omega: Tensor  # [B, L_crit, E]
+    alpha: list[float | None] = field(default_factory=list)  # kernel regression's chosen alpha per context
+    losses: list[list[float]] = field(default_factory=list)  # the objective per step / candidate per context
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    pathway: Callable[[Problem], Solution] | None = None
+    rewrites_prompt: bool = False
+    needs_reference: bool = True
+
+
+def descend(omega0: Tensor, free: Tensor, loss: Callable[[Tensor], Tensor], options: MethodOptions,
+            simplex: bool) -> NGDResult:
+    """NGD on ``loss``; gradients are switched on whatever the caller's mode (lm-eval scores under no_grad)."""
+    with torch.enable_grad():
+        return optimise_pathway(omega0, loss, free, steps=options.steps, lr=options.lr, lr_min=options.lr_min,
+                                schedule=options.schedule, simplex=simplex)
+
+
+def _mode_finding(p: Problem) -> Solution:
+    alpha = MODE_FINDING_ALPHA if p.options.alpha is None else p.options.alpha
+    result = mean_shift(p.omega0, p.reference_pathways(), k=p.options.k, alpha=alpha, iters=p.options.mode_iters,
+                        kernel=p.kernel, bandwidth=p.options.bandwidth, free_mask=p.free, simplex=p.simplex)
+    return Solution(result.omega)
+
+
+def _kernel_regression(p: Problem) -> Solution:
+    has = p.neighbours.valid.any(-1)
+    safe_w = torch.where(has.unsqueeze(-1), p.weights, torch.ones_like(p.weights))
+    omega_hat = torch.where(has[:, None, None], weighted_average(safe_w, p.neighbour_pathways()), p.omega0)
+    if p.options.alpha is not None:
+        alpha = torch.full((len(p.omega0),), float(p.options.alpha))
+        return Solution(blend(p.omega0, omega_hat, alpha[:, None, None], p.free, p.simplex), alpha.tolist())
+    choice = choose_alpha(p.omega0, omega_hat, p.loss(), free_mask=p.free, simplex=p.simplex)
+    return Solution(choice.omega, choice.alpha.tolist(), choice.losses.tolist())
+
+
+def _ngd(p: Problem) -> Solution:
+    result = descend(p.omega0, p.free, p.loss(), p.options, p.simplex)
+    losses = [[float(x) for x in row if np.isfinite(float(x))] for row in result.losses]
+    return Solution(result.omega, losses=losses)
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("base", needs_reference=False),
+        Method("mode_finding", _mode_finding),
+        Method("kernel_regression", _kernel_regression),
+        Method("ngd", _ngd),
+        Method("icl", rewrites_prompt=True),
+    )
+}

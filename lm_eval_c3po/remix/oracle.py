@@ -1,0 +1,26 @@
+"""The oracle: NGD on each test example's *own* gold loss. An upper bound for analysis, never a C3PO score."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lm_eval_c3po.remix.config import C3POConfig
+from lm_eval_c3po.remix.core_experts import core_expert_mask
+from lm_eval_c3po.remix.methods import descend
+from lm_eval_c3po.routing import RoutingController, own_pathways
+from lm_eval_c3po.score import Example, choice_loss
+
+
+def oracle_pathways(model, routing: RoutingController, config: C3POConfig, examples: Sequence[Example],
+                    max_length: int) -> torch.Tensor:
+    """``[B, L_crit, E]``: each example's pathway after NGD on its own gold loss. Needs no reference store.
+
+    ``config`` must be resolved for the model (:meth:`C3POConfig.resolved_for`).
+    """
+    omega0 = own_pathways(model, routing, config.layer_ids, [ex.context for ex in examples], max_length)
+    free = core_expert_mask(omega0, config.core_experts, routing.top_k)
+    loss = choice_loss(model, routing, config.layer_ids, config.tokens, [[ex] for ex in examples],
+                       torch.ones(len(examples), 1), max_length)
+    return descend(omega0, free, loss, config, routing.routing_kind == "softmax").omega

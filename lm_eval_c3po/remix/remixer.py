@@ -1,0 +1,214 @@
+"""Test-time re-mixing: from test contexts to their pathways omega*.
+
+For a batch of test contexts the :class:`Remixer`
+1. reads each context's own pathway (the routing of its last context token
+   in the critical layers),
+2. retrieves similar reference questions the model answered correctly
+   (:class:`~lm_eval_c3po.retrieve.Retriever`),
+3. runs the configured method (:data:`~lm_eval_c3po.remix.methods.METHODS`),
+   whose neighbourhood loss, if it needs one, scores the neighbours' own
+   contexts with omega written in (:func:`~lm_eval_c3po.score.choice_loss`),
+4. and optionally logs a diagnostics record per context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lm_eval_c3po.remix.config import C3POConfig
+from lm_eval_c3po.remix.core_experts import core_expert_mask
+from lm_eval_c3po.remix.icl import demonstration_prefixes, with_prefixes
+from lm_eval_c3po.remix.methods import METHODS, Problem, Solution
+from lm_eval_c3po.remix.oracle import oracle_pathways
+from lm_eval_c3po.retrieve import Embedder, Neighbours, Retriever
+from lm_eval_c3po.routing import RoutingController, input_device, own_pathways
+from lm_eval_c3po.score import ChoiceLoss, Example, PrefixCache, TrieScorer, choice_loss, fast_path_applies
+from lm_eval_c3po.store import ReferenceStore, lm_signature
+
+
+class Remixer:
+    """Computes omega* for test contexts from a reference store (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, routing: RoutingController, store: ReferenceStore, embedder,
+                 config: C3POConfig, max_length: int):
+        self.model, self.tokenizer, self.routing = model, tokenizer, routing
+        self.store, self.config, self.max_length = store, config, max_length
+        self.method = METHODS[config.method]
+        self.simplex = routing.routing_kind == "softmax"
+        self.layer_ids = list(config.layer_ids)
+        self.device = input_device(model)
+        self.retriever = Retriever(store, embedder, k=config.k, eps=config.eps, dedup=config.dedup,
+                                   kernel=config.kernel, bandwidth=config.bandwidth)
+        model.requires_grad_(False)  # only omega is optimised
+        self.loss_cache = PrefixCache()  # prepared neighbours, shared by every neighbourhood loss
+        self._diagnostics = Path(config.diagnostics) if config.diagnostics else None
+        self._references: torch.Tensor | None = None
+
+    @classmethod
+    def from_lm(cls, lm, config: C3POConfig) -> Remixer:
+        embedder = Embedder(config.embedder, device=str(lm.device))
+        expect = lm_signature(lm)
+        stores = [ReferenceStore.load(path, expect=expect, embedder=embedder.signature) for path in config.reference]
+        store = stores[0] if len(stores) == 1 else ReferenceStore.merge(stores)
+        return cls(lm.model, lm.tokenizer, lm.routing, store, embedder, config, lm.max_length)
+
+    # -- the pathway of every context -----------------------------------------
+
+    def pathways(self, texts: Sequence[str], contexts: Sequence[Sequence[int]], progress: bool = True
+                 ) -> dict[tuple[int, ...], torch.Tensor]:
+        """omega* ``[1, L_crit, E]`` per distinct context (keyed by its token ids)."""
+        out: dict[tuple[int, ...], torch.Tensor] = {}
+        for part in self._batches(len(contexts), "re-mixing", progress):
+            batch = [list(c) for c in contexts[part]]
+            omega0 = own_pathways(self.model, self.routing, self.layer_ids, batch, self.max_length)
+            omega = self._remix(list(texts[part]), omega0)
+            for b, context in enumerate(batch):
+                out[tuple(context)] = omega[b].unsqueeze(0)
+        return out
+
+    def score(self, texts: Sequence[str], contexts: Sequence[Sequence[int]],
+              continuations: Sequence[Sequence[Sequence[int]]], progress: bool = True
+              ) -> list[list[tuple[float, bool]]]:
+        """lm-eval's ``(log-likelihood, is_greedy)`` of each context's continuations under its omega*.
+
+        One prepared pass per context serves both its own pathway (the routing
+        at its last token) and the scoring of all its continuations, which then
+        costs only the last context token and the answer tokens
+        (:class:`~lm_eval_c3po.score.TrieScorer`). Needs :meth:`scores_from_capture`.
+        """
+        out: list[list[tuple[float, bool]]] = []
+        for part in self._batches(len(contexts), "re-mixing and scoring", progress):
+            examples = [[Example(list(ctx), [list(c) for c in conts], 0)]
+                        for ctx, conts in zip(contexts[part], continuations[part])]
+            scorer = TrieScorer(self.model, self.routing, self.layer_ids, self.config.tokens, examples,
+                                self.max_length, cache=PrefixCache())
+            omega = self._remix(list(texts[part]), scorer.own_routing())
+            ll, greedy = scorer.row_scores(omega)
+            cursor = 0
+            for conts in continuations[part]:
+                out.append([(float(ll[cursor + c]), bool(greedy[cursor + c])) for c in range(len(conts))])
+                cursor += len(conts)
+        return out
+
+    def scores_from_capture(self, max_continuation: int) -> bool:
+        """Whether :meth:`score` applies: a re-mixing method, a model on the prefix-cached path, and
+        continuations short enough that lm-eval's truncation leaves a context token."""
+        return (self.method.pathway is not None and max_continuation < self.max_length
+                and fast_path_applies(self.model, self.routing, self.layer_ids, self.max_length))
+
+    def _batches(self, total: int, what: str, progress: bool) -> Iterator[slice]:
+        """``remix_batch_size`` contexts at a time under a progress bar."""
+        size = self.config.remix_batch_size
+        with tqdm(total=total, desc=f"C3PO {what} ({self.config.method})", unit="ctx", disable=not progress) as bar:
+            for start in range(0, total, size):
+                yield slice(start, start + size)
+                bar.update(min(size, total - start))
+
+    def _remix(self, texts: list[str], omega0: torch.Tensor) -> torch.Tensor:
+        if self.method.pathway is None:
+            raise ValueError(f"method {self.config.method!r} does not re-mix pathways")
+        neighbours, weights = self.retriever(texts)
+        problem = Problem(
+            omega0=omega0,
+            free=core_expert_mask(omega0, self.config.core_experts, self.routing.top_k),
+            neighbours=neighbours,
+            weights=weights,
+            neighbour_pathways=lambda: self.retriever.pathways(neighbours, self.layer_ids),
+            reference_pathways=self._reference_pathways,
+            loss=lambda: self.neighbourhood_loss(neighbours, weights),
+            options=self.config,
+            kernel=self.retriever.kernel,
+            simplex=self.simplex,
+        )
+        solution = self.method.pathway(problem)
+        omega = solution.omega.detach()
+        self._write_diagnostics(texts, omega0, omega, neighbours, weights, solution)
+        return omega
+
+    def _reference_pathways(self) -> torch.Tensor:
+        """Every reference's pathway ``[N, L_crit, E]`` (mode finding searches them all), read once."""
+        if self._references is None:
+            self._references = torch.from_numpy(np.asarray(self.store.routing[:, self.layer_ids]))
+        return self._references
+
+    def neighbourhood_loss(self, neighbours: Neighbours, weights: torch.Tensor) -> ChoiceLoss:
+        """The NGD / alpha-search objective over each context's valid neighbours."""
+        examples = [
+            [self.reference_example(int(r)) for r, ok in zip(row, valid) if ok]
+            for row, valid in zip(neighbours.indices.tolist(), neighbours.valid.tolist())
+        ]
+        compact = torch.zeros_like(weights)
+        for b, valid in enumerate(neighbours.valid):
+            kept = weights[b][valid]
+            compact[b, : len(kept)] = kept
+        return choice_loss(self.model, self.routing, self.layer_ids, self.config.tokens, examples, compact,
+                           self.max_length, cache=self.loss_cache)
+
+    def reference_example(self, row: int) -> Example:
+        return Example(
+            [int(t) for t in self.store.context_ids(row)],
+            [[int(t) for t in c] for c in self.store.choice_ids(row)],
+            int(self.store.gold[row]),
+        )
+
+    # -- analysis and the ICL baseline -----------------------------------------
+
+    def own_pathways(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+        return own_pathways(self.model, self.routing, self.layer_ids, contexts, self.max_length)
+
+    def oracle(self, examples: Sequence[Example]) -> torch.Tensor:
+        """NGD on each test example's *own* gold loss: an upper bound for analysis, never a C3PO score."""
+        return oracle_pathways(self.model, self.routing, self.config, examples, self.max_length)
+
+    def with_demonstrations(self, requests):
+        """The ICL baseline: the same retrieved neighbours prepended as solved demonstrations."""
+        contexts = list(dict.fromkeys(req.args[0] for req in requests))
+        neighbours, _ = self.retriever(contexts)
+        return with_prefixes(requests, dict(zip(contexts, demonstration_prefixes(neighbours, self.store))))
+
+    # -- diagnostics ----------------------------------------------------------
+
+    def _write_diagnostics(self, texts, omega0, omega, neighbours, weights, solution: Solution) -> None:
+        if self._diagnostics is None:
+            return
+        alpha = solution.alpha or [None] * len(texts)
+        losses = solution.losses or [[] for _ in texts]
+        self._diagnostics.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._diagnostics, "a") as f:
+            for b, text in enumerate(texts):
+                nbrs = [
+                    {"row": int(r), "source": self.store.texts[int(r)]["id"], "similarity": float(s),
+                     "weight": float(w)}
+                    for r, s, w, ok in zip(neighbours.indices[b], neighbours.similarities[b], weights[b],
+                                           neighbours.valid[b]) if ok
+                ]
+                record = {
+                    "context_hash": hashlib.sha1(text.encode()).hexdigest(),
+                    "context": text[:200],
+                    "method": self.config.method,
+                    "critical_layers": self.layer_ids,
+                    "num_experts": self.routing.num_experts,
+                    "top_k": self.routing.top_k,
+                    "neighbours": nbrs,
+                    "before": self._weights_and_topk(omega0[b]),
+                    "after": self._weights_and_topk(omega[b]),
+                    "loss": losses[b],
+                    "alpha": alpha[b],
+                    "steps": self.config.steps,
+                }
+                f.write(json.dumps(record) + "\n")
+
+    def _weights_and_topk(self, omega: torch.Tensor) -> dict:
+        topk = []
+        for slot, layer_id in enumerate(self.layer_ids):
+            layer = self.routing.layers[layer_id]
+            row = omega[slot].unsqueeze(0).to(self.device)
+            topk.append(sorted(layer.adapter.route(layer.router, row, row.clamp_min(1e-30).log())[1][0].tolist()))
+        return {"weights": omega.tolist(), "topk": topk}
