@@ -23,12 +23,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
-from lm_eval.models.huggingface import HFLM
+from lm_eval.models.huggingface import HFLM, normalize_gen_kwargs
 
 from lm_eval_c3po import distributed
 from lm_eval_c3po.remix import METHODS, C3POConfig, Remixer
 from lm_eval_c3po.routing import RoutingController
-from lm_eval_c3po.score import PathwayOverride, Request, RoutingRecorder, RowPlan
+from lm_eval_c3po.score import PathwayOverride, Request, RoutingRecorder, RowPlan, causal_row
 
 logger = logging.getLogger(__name__)
 
@@ -78,27 +78,48 @@ class C3POLM(HFLM):
             requests = self._remixer.with_demonstrations(requests)
         if self.method.pathway is None:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        contexts = [self.tok_encode(req.args[0]) for req in requests]
-        pathways = self._remixer.pathways([req.args[0] for req in requests], contexts,
-                                          progress=self._progress(disable_tqdm))
-        with self.hooked(PathwayOverride(self.routing, pathways, self.c3po.layer_ids, self.c3po.tokens)):
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        texts = [req.args[0] for req in requests]
+        prompts = [self._generation_prompt(text, req.args[1]) for text, req in zip(texts, requests)]
+        pathways = self._remixer.pathways(texts, prompts, progress=self._progress(disable_tqdm))
+        keyed = dict(zip(map(tuple, prompts), pathways))
+        with self.hooked(PathwayOverride(self.routing, keyed, self.c3po.layer_ids, self.c3po.tokens)):
+            result = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        self._log_ball_summary()
+        return result
+
+    def _generation_prompt(self, text: str, gen_kwargs: dict) -> list[int]:
+        """The prompt tokens HFLM's ``generate_until`` will feed the model: its own encoding, left-truncated to
+        leave room for ``max_gen_toks`` (so long prompts are re-mixed where the model sees them)."""
+        max_gen_toks = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)["max_gen_toks"]
+        ids, _ = self.tok_batch_encode([text], left_truncate_len=self.max_length - max_gen_toks,
+                                       truncation=self.truncation)
+        return ids[0].tolist()
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         # Rolling windows (perplexity) carry no cache key: no question, so no re-mixing.
         if self.method.pathway is None or self._hook is not None or any(req[0] is None for req in requests):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        texts: dict[tuple[int, ...], str] = {}
-        for (context, _), context_enc, _ in requests:
-            texts.setdefault(tuple(context_enc), context)
-        keys = list(texts)
+        first: dict[tuple[int, ...], tuple] = {}
+        for request in requests:
+            first.setdefault(tuple(request[1]), request)
         progress = self._progress(disable_tqdm)
         if self._remixer.scores_from_capture(max(len(cont) for _, _, cont in requests)):
-            return self._score_from_capture(requests, texts, progress)
-        pathways = self._remixer.pathways([texts[k] for k in keys], [list(k) for k in keys], progress)
-        with self.hooked(PathwayOverride(self.routing, pathways, self.c3po.layer_ids, self.c3po.tokens,
-                                         RowPlan(requests, self.max_length))):
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            result = self._score_from_capture(requests, {key: req[0][0] for key, req in first.items()}, progress)
+        else:
+            # Each context's own pathway is read where lm-eval's row of its first request puts it (truncation).
+            seen = [causal_row(context, continuation, self.max_length) for _, context, continuation in first.values()]
+            pathways = self._remixer.pathways([req[0][0] for req in first.values()],
+                                              [tokens[:context_len] for tokens, context_len in seen], progress)
+            hook = PathwayOverride(self.routing, dict(zip(first, pathways)), self.c3po.layer_ids, self.c3po.tokens,
+                                   RowPlan(requests, self.max_length))
+            with self.hooked(hook):
+                result = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        self._log_ball_summary()
+        return result
+
+    def _log_ball_summary(self) -> None:
+        if self.c3po.eps is not None:
+            logger.info(self._remixer.ball.summary(self.c3po.eps, self.c3po.eps_candidates))
 
     def _progress(self, disable_tqdm: bool) -> bool:
         return not disable_tqdm and self.rank == 0  # HFLM's rule for its own bars
@@ -177,8 +198,7 @@ class C3POLM(HFLM):
 
     def _cache_identity(self) -> dict:
         settings = self.c3po.to_dict()
-        for volatile in ("diagnostics", "remix_batch_size"):  # change no number
-            settings.pop(volatile)
+        settings.pop("diagnostics")  # changes no number (remix_batch_size may: float sums in another order)
         identity = {"pretrained": str(self.pretrained), "revision": str(getattr(self, "revision", None)),
                     "c3po": json.dumps(settings, sort_keys=True)}
         if self._remixer is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lm_eval_c3po.retrieve import DEFAULT_EMBEDDER
+from lm_eval_c3po.routing import DEFAULT_TOKENS
 from lm_eval_c3po.store import KEEP_POLICIES
 from reference_builders.errors import BuildError
 from reference_builders.presets import PRESETS
@@ -84,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keep", default="acc", choices=sorted(KEEP_POLICIES),
         help="which docs to store: acc (answered right, the paper's; default), acc_norm, any, or all (analysis)",
     )
+    store.add_argument(
+        "--tokens", default=DEFAULT_TOKENS, metavar="SPEC",
+        help="context token slots whose routing each reference keeps (default last); a run may re-mix any token "
+             "spec these slots cover, e.g. first:3+middle:3+last:3 for the paper's token ablation (Tables 3, 9)",
+    )
     store.add_argument("--overwrite", action="store_true", help="replace an existing store (swapped in when complete)")
     store.add_argument("--shard_size", type=int, default=1024, help="docs per shard: the unit of resume (default 1024)")
 
@@ -99,11 +105,17 @@ def _model_args(text: str) -> dict[str, Any]:
     return args
 
 
-def _check_sizes(args: argparse.Namespace) -> None:
-    """Refuse impossible sizes before anything heavy is loaded."""
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse impossible sizes and token specs before anything heavy is loaded."""
+    from lm_eval_c3po.routing import SpecError, validate_token_spec
+
     for option in ("batch_size", "shard_size"):
         if getattr(args, option) < 1:
             raise BuildError(f"--{option} must be >= 1, got {getattr(args, option)}")
+    try:
+        validate_token_spec(args.tokens)
+    except SpecError as err:
+        raise BuildError(f"--tokens: {err}") from None
     if args.limit is not None and args.limit <= 0:
         raise BuildError(f"--limit must be > 0 (a doc count, or a fraction below 1), got {args.limit}")
 
@@ -120,6 +132,7 @@ def build(args: argparse.Namespace) -> int:
 
     from lm_eval_c3po.lm_eval_model import C3POLM
     from lm_eval_c3po.retrieve import Embedder
+    from lm_eval_c3po.routing import token_slots
     from lm_eval_c3po.store import StoreManifest, lm_signature
     from reference_builders.distributed import build_in_parts, check_parts, join
     from reference_builders.harvest import Harvester
@@ -128,7 +141,7 @@ def build(args: argparse.Namespace) -> int:
 
     names = requested_tasks(args.tasks, args.preset)
     model_args = _model_args(args.model_args)
-    _check_sizes(args)
+    _check_options(args)
     launch = join()
     check_parts(Path(args.out), launch.world)
     tasks = load_tasks(names, include_paths(args.include_path), {"pretrained": args.model, **model_args}, args.seed)
@@ -150,9 +163,11 @@ def build(args: argparse.Namespace) -> int:
             "dtype": str(lm.model.dtype).removeprefix("torch."),
             "batch_size": args.batch_size,
             "lm_eval": lm_eval.__version__,
+            # Last-token stores (the default) record no slots: their manifests stay as they were.
+            **({} if args.tokens == DEFAULT_TOKENS else {"tokens": args.tokens, "token_slots": token_slots(args.tokens)}),
         },
     )
-    harvester = Harvester(lm, embedder)
+    harvester = Harvester(lm, embedder, args.tokens)
     settings = dict(shard_size=args.shard_size, keep=args.keep, overwrite=args.overwrite)
     if launch.world == 1:
         manifest = _build_here(stream, harvester, base, Path(args.out), **settings)

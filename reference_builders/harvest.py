@@ -37,10 +37,12 @@ from reference_builders.tasks import DocRequests
 DOCS_PER_CALL = 128
 
 
-def score_with_routing(lm, requests: Sequence[Request]) -> tuple[list[tuple[float, bool]], list[torch.Tensor]]:
+def score_with_routing(lm, requests: Sequence[Request], tokens: str = "last"
+                       ) -> tuple[list[tuple[float, bool]], list[torch.Tensor]]:
     """Score requests exactly as ``--model hf`` does and capture, from the same forward passes, the
-    routing ``[L, E]`` (every MoE layer) at each request's last context token. ``lm`` is a ``C3POLM``."""
-    with lm.hooked(RoutingRecorder(lm.routing, RowPlan(requests, lm.max_length))) as recorder:
+    routing (every MoE layer) at each request's context token slots (:class:`RoutingRecorder`).
+    ``lm`` is a ``C3POLM``."""
+    with lm.hooked(RoutingRecorder(lm.routing, RowPlan(requests, lm.max_length), tokens)) as recorder:
         results = lm._loglikelihood_tokens(list(requests), disable_tqdm=True)
     return results, [recorder.captured[tuple(context)] for _, context, _ in requests]
 
@@ -59,14 +61,15 @@ def encode_request(lm, context: str, continuation: str) -> Request:
 class Harvester:
     """Turns docs into records with one model and one embedder."""
 
-    def __init__(self, lm, embedder):
+    def __init__(self, lm, embedder, tokens: str = "last"):
         self.lm = lm
         self.embedder = embedder
+        self.tokens = tokens  # the token slots whose routing each record keeps
 
     def records(self, docs: Sequence[DocRequests]) -> list[Record]:
         """One record per doc, in order: lm-eval's verdict, the gold context's pathway, the embedding."""
         requests = [encode_request(self.lm, c, x) for doc in docs for c, x in doc.arguments]
-        results, routing = score_with_routing(self.lm, requests)
+        results, routing = score_with_routing(self.lm, requests, self.tokens)
         embeddings = self.embedder.encode([doc.question for doc in docs])
         out, start = [], 0
         for doc, embedding in zip(docs, embeddings, strict=True):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lm_eval_c3po import remix as methods
-from lm_eval_c3po.routing import FAMILIES, RoutingController
+from lm_eval_c3po.routing import FAMILIES, RoutingController, token_slots
 from lm_eval_c3po.score import Example, PrefixCache, causal_row, choice_loss, trie_scorer
 from lm_eval_c3po.score.packing import chunk_by_cost, pack_first_fit
 from lm_eval_c3po.score.tries import build_tries
@@ -59,7 +59,8 @@ def test_same_values_and_gradients(family, tokens, max_length):
     weights = torch.tensor([[1.0, 0.5, 0.25], [0.2, 1.0, 0.0]])  # a zero weight: padding neighbour
     naive = reference_loss(model, routing, layers, tokens, examples, weights, max_length)
     cached = choice_loss(model, routing, layers, tokens, examples, weights, max_length, cache=PrefixCache())
-    for omega in (_pathway(routing, (2, len(layers)), 0), _pathway(routing, (2, 4, len(layers)), 1)):  # [B, *G]
+    rows = len(token_slots(tokens)) * len(layers)  # one pathway row per (token slot, critical layer)
+    for omega in (_pathway(routing, (2, rows), 0), _pathway(routing, (2, 4, rows), 1)):  # [B, *G]
         want, want_grad = _value_and_grad(naive, omega)
         got, got_grad = _value_and_grad(cached, omega)
         assert got.shape == want.shape

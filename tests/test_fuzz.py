@@ -45,7 +45,7 @@ def test_model_args_parse_or_fail_with_a_message(options):
     for key, value in parsed.items():
         if key == "reference":
             assert config.reference == tuple(p for p in str(value).split("+") if p.strip())
-        elif key not in ("layers", "dedup", "eps", "bandwidth", "alpha"):
+        elif key not in ("layers", "dedup", "eps", "bandwidth", "alpha", "tol"):
             expected = str(value).strip() if isinstance(getattr(config, key), str) else value
             assert getattr(config, key) == expected
     assert config.layer_ids and all(0 <= i < 16 for i in config.layer_ids)

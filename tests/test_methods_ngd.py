@@ -62,7 +62,7 @@ def test_linear_and_constant_schedules_and_errors():
     assert lr_at(7, 10, 0.3, 0.0, "constant") == 0.3
     assert lr_at(0, 0, 0.3, 0.1) == 0.3
     with pytest.raises(ValueError, match="schedule"):
-        lr_at(0, 10, schedule="step")
+        lr_at(0, 10, schedule="exponential")
     with pytest.raises(ValueError, match="lr_min"):
         lr_at(0, 10, lr=1e-3, lr_min=1e-2)
 
@@ -175,3 +175,34 @@ def test_bad_arguments():
         optimise_pathway(omega0, lambda o: loss_fn(o).sum(), free)
     with pytest.raises(ValueError, match="logits"):
         optimise_pathway(torch.log(omega0), loss_fn, free)
+
+
+def test_step_decay_falls_a_decade_per_stair_from_lr_to_lr_min():
+    # 1e-1 -> 1e-5 is five stairs; ten steps give each stair two steps (the paper's Table 12 setting).
+    got = [lr_at(step, 10, 1e-1, 1e-5, "step") for step in range(10)]
+    want = [1e-1, 1e-1, 1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert [lr_at(step, 3, 1e-1, 1e-3, "step") for step in range(3)] == pytest.approx([1e-1, 1e-2, 1e-3])
+    assert lr_at(4, 10, 0.2, 0.2, "step") == 0.2  # lr_min == lr: one stair
+
+
+def test_keep_best_false_returns_the_last_iterate():
+    omega0, loss_fn, free, *_ = toy_problem()
+    best = optimise_pathway(omega0, loss_fn, free, steps=6, lr=5.0)  # a large step overshoots: last != best
+    last = optimise_pathway(omega0, loss_fn, free, steps=6, lr=5.0, keep_best=False)
+    assert torch.equal(last.losses, best.losses)  # the same descent, another pick
+    assert (last.best_step == 6).all()
+    assert torch.allclose(last.best_loss, last.losses[:, -1])
+    assert not torch.equal(last.omega, best.omega)
+    assert (best.best_loss <= last.best_loss).all()
+
+
+def test_tol_stops_a_context_whose_loss_stopped_moving():
+    omega0, loss_fn, free, *_ = toy_problem()
+    full = optimise_pathway(omega0, loss_fn, free, steps=10, lr=1e-3)
+    change = (full.losses[:, 1:] - full.losses[:, :-1]).abs()
+    tol = float(change[:, 0].max()) * 2  # every context has converged after its first step
+    early = optimise_pathway(omega0, loss_fn, free, steps=10, lr=1e-3, tol=tol)
+    assert torch.equal(early.losses[:, :2], full.losses[:, :2])
+    assert torch.isnan(early.losses[:, 2:]).all()  # no evaluation after it stopped
+    assert not early.stopped.any()  # stopping on tol is not a failure

@@ -77,10 +77,10 @@ def test_kernel_regression_k1_alpha0_writes_the_neighbours_pathway(lm, store_dir
     remixer = _remixer(lm, store_dir, method="kernel_regression", k=1, alpha=0.0, core_experts=experts)
     text = "Question: Where does the sun rise?\nAnswer:"
     context = lm.tok_encode(text)
-    omega = remixer.pathways([text], [context])[tuple(context)][0]
+    (omega,) = remixer.pathways([text], [context])[0]
     neighbours, _ = remixer.retriever([text])
     row = int(neighbours.indices[0, 0])
-    assert row != 2  # the question itself (cosine 1) is dropped as a near-duplicate
+    assert remixer.store.texts[row]["question"] != text  # the question itself (cosine 1) is dropped as a near-duplicate
     expected = torch.from_numpy(np.asarray(remixer.store.routing[row][remixer.layer_ids]))
     assert torch.allclose(omega, expected, atol=1e-6)
     # Through routing capture: the experts the routers hand on at that token are the neighbour's top-k.
@@ -103,7 +103,7 @@ def test_same_seed_same_numbers(lm, store_dir):
     contexts = [lm.tok_encode(t) for t in texts]
     a = _remixer(lm, store_dir, method="ngd", seed=7).pathways(texts, contexts)
     b = _remixer(lm, store_dir, method="ngd", seed=7).pathways(texts, contexts)
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert len(a) == len(b) == 4 and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_batch_sizes_do_not_change_loglikelihoods(tiny_model_dir, store_dir):
@@ -226,7 +226,7 @@ def test_scoring_from_the_capture_pass_equals_hooked_lm_eval_batches(lm, store_d
     conts = [[lm._encode_pair(t, c)[1] for c in cs] for t, cs in zip(texts, choices)]
     assert remixer.scores_from_capture(max(len(c) for cs in conts for c in cs))
     fast = remixer.score(texts, contexts, conts)
-    pathways = remixer.pathways(texts, contexts)
+    pathways = dict(zip(map(tuple, contexts), remixer.pathways(texts, contexts)))
     requests = [((t, c), ctx, cont) for t, ctx, cs, ccs in zip(texts, contexts, choices, conts)
                 for c, cont in zip(cs, ccs)]
     hooked = score_with_pathways(lm, requests, pathways)

@@ -14,14 +14,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lm_eval_c3po.remix.methods import METHODS
+from lm_eval_c3po.remix.methods import METHODS, MODE_NEIGHBOURHOODS
 from lm_eval_c3po.remix.ngd import SCHEDULES
-from lm_eval_c3po.retrieve import DEFAULT_EMBEDDER, KERNEL_CHOICES
+from lm_eval_c3po.retrieve import BANDWIDTH_RULES, DEFAULT_EMBEDDER, KERNEL_CHOICES
 from lm_eval_c3po.routing import DEFAULT_TOKENS, RoutingController, parse_layers, validate_token_spec
+from lm_eval_c3po.score import OBJECTIVES
 
 DEFAULT_CORE_EXPERTS = 20
 DEFAULT_LAST_LAYERS = 5
-INT_FIELDS = ("k", "steps", "mode_iters", "remix_batch_size", "seed", "core_experts")
+INT_FIELDS = ("k", "steps", "mode_iters", "remix_batch_size", "seed", "core_experts", "degree", "eps_candidates")
 
 
 class C3POConfigError(ValueError):
@@ -34,8 +35,11 @@ class C3POConfig:
     reference: tuple[str, ...] = ()
     k: int = 3
     eps: float | None = None
+    eps_candidates: int = 64  # an epsilon-ball is searched among this many nearest references
     kernel: str = "gaussian"
-    bandwidth: float | None = None
+    bandwidth: float | str = "store"  # "store": from the references' own neighbours; "median": per context
+    degree: int = 2  # polynomial kernel (cos + coef0) ** degree
+    coef0: float = 1.0
     layers: str | None = None  # None: the last 5 MoE layers (all of them if the model has fewer)
     tokens: str = DEFAULT_TOKENS
     core_experts: int | None = None  # None: min(20, experts)
@@ -43,8 +47,12 @@ class C3POConfig:
     lr: float = 1e-1
     lr_min: float = 1e-5
     schedule: str = "cosine"
+    keep_best: bool = True  # NGD returns the best iterate seen (False: the last)
+    tol: float | None = None  # NGD stops a context once its loss changes by at most this (off)
+    loss: str = "choices"  # the neighbourhood loss l: "choices" cross-entropy, or the "gold" answer's NLL
     alpha: float | None = None  # None: kernel regression searches the grid; mode finding uses 0.5
     mode_iters: int = 5
+    mode_neighbourhood: str = "pathways"  # mode finding among the store's pathways, or the "text" neighbours
     dedup: float | None = 0.95
     embedder: str = DEFAULT_EMBEDDER
     seed: int = 1234
@@ -64,14 +72,20 @@ class C3POConfig:
         values = dict(args)
         if "reference" in values:
             values["reference"] = _split_plus(values["reference"])
-        for name in ("layers", "tokens", "embedder", "diagnostics", "method", "kernel", "schedule"):
+        for name in ("layers", "tokens", "embedder", "diagnostics", "method", "kernel", "schedule", "loss",
+                     "mode_neighbourhood"):
             if values.get(name) is not None:
                 values[name] = str(values[name]).strip()
-        for name in ("dedup", "eps", "bandwidth", "alpha"):
+        for name in ("dedup", "eps", "alpha", "tol"):
             if isinstance(values.get(name), str) and values[name].lower() in ("none", "off", "false", ""):
                 values[name] = None
-        if values.get("dedup") is False:
-            values["dedup"] = None
+        for name in ("dedup", "tol"):
+            if values.get(name) is False:
+                values[name] = None
+        if isinstance(values.get("keep_best"), str) and values["keep_best"].lower() in ("true", "false"):
+            values["keep_best"] = values["keep_best"].lower() == "true"
+        if isinstance(values.get("bandwidth"), str):
+            values["bandwidth"] = _number_or_word(values["bandwidth"].strip())
         config = cls(**values)
         config.validate()
         ints = {name: int(getattr(config, name)) for name in INT_FIELDS if getattr(config, name) is not None}
@@ -81,6 +95,17 @@ class C3POConfig:
         _choice("method", self.method, tuple(METHODS))
         _choice("kernel", self.kernel, KERNEL_CHOICES)
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("loss", self.loss, OBJECTIVES)
+        _choice("mode_neighbourhood", self.mode_neighbourhood, MODE_NEIGHBOURHOODS)
+        if not isinstance(self.keep_best, bool):
+            raise C3POConfigError(f"keep_best={self.keep_best!r} must be true or false")
+        if isinstance(self.bandwidth, str):
+            _choice("bandwidth", self.bandwidth, BANDWIDTH_RULES)
+        else:
+            _number("bandwidth", self.bandwidth, float, low=0, open_low=True)
+        _number("degree", self.degree, int, low=1)
+        _number("coef0", self.coef0, float, low=0)
+        _number("eps_candidates", self.eps_candidates, int, low=1)
         _number("k", self.k, int, low=1)
         _number("steps", self.steps, int, low=0)
         _number("mode_iters", self.mode_iters, int, low=1)
@@ -90,10 +115,10 @@ class C3POConfig:
         _number("lr_min", self.lr_min, float, low=0)
         if self.lr_min > self.lr:
             raise C3POConfigError(f"lr_min={self.lr_min} is above lr={self.lr}: the schedule decays from lr to lr_min")
-        for name, low, high in (("eps", 0, 2), ("bandwidth", 0, None), ("alpha", 0, 1), ("dedup", 0, 1)):
+        for name, low, high in (("eps", 0, 2), ("alpha", 0, 1), ("dedup", 0, 1), ("tol", 0, None)):
             value = getattr(self, name)
             if value is not None:
-                _number(name, value, float, low=low, high=high, open_low=name in ("eps", "bandwidth", "dedup"))
+                _number(name, value, float, low=low, high=high, open_low=name in ("eps", "dedup"))
         if self.core_experts is not None:
             _number("core_experts", self.core_experts, int, low=1)
         validate_token_spec(self.tokens)
@@ -129,6 +154,13 @@ def _split_plus(value: Any) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(str(v) for v in value)
     return tuple(part.strip() for part in str(value).split("+") if part.strip())
+
+
+def _number_or_word(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value.lower()
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -10,14 +10,19 @@ from lm_eval_c3po.store import ReferenceStore
 
 
 def demonstration_prefixes(neighbours: Neighbours, store: ReferenceStore) -> list[str]:
-    """Per context, its neighbours as ``question answer`` blocks, the nearest last (next to the question)."""
+    """Per context, its neighbours as solved blocks, the nearest last (next to the question).
+
+    A block is the reference's rendered context followed by its gold
+    continuation exactly as lm-eval scored it: the stored continuation already
+    starts with the task's ``target_delimiter``, so none is added.
+    """
     prefixes = []
     for row, valid in zip(neighbours.indices.tolist(), neighbours.valid.tolist()):
         demos = []
         for r, ok in zip(row, valid):
             if ok:
                 text = store.texts[r]
-                demos.append(f"{text['question']} {text['choices'][int(store.gold[r])]}")
+                demos.append(text["question"] + text["choices"][int(store.gold[r])])
         prefixes.append("".join(d + "\n\n" for d in reversed(demos)))
     return prefixes
 

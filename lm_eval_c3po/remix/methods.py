@@ -25,6 +25,9 @@ from lm_eval_c3po.retrieve import KernelSpec, Neighbours
 from lm_eval_c3po.score import ChoiceLoss
 
 MODE_FINDING_ALPHA = 0.5  # mode finding's step when alpha is not given
+# Mode finding's neighbourhood (Eq. 8 reads both ways): the k nearest pathways among the whole store's, in
+# pathway space ("pathways"), or the test context's retrieved text neighbours N(x) ("text", dedup honoured).
+MODE_NEIGHBOURHOODS = ("pathways", "text")
 
 
 class MethodOptions(Protocol):
@@ -33,11 +36,13 @@ class MethodOptions(Protocol):
     k: int
     alpha: float | None
     mode_iters: int
-    bandwidth: float | None
+    mode_neighbourhood: str
     steps: int
     lr: float
     lr_min: float
     schedule: str
+    keep_best: bool
+    tol: float | None
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Problem:
     loss: Callable[[], ChoiceLoss]  # the neighbourhood loss, built on demand
     options: MethodOptions
     kernel: KernelSpec
+    pathway_bandwidth: float | None  # mode finding's kernel bandwidth in pathway space (None: per-context median)
     simplex: bool  # softmax rows stay on the simplex; sigmoid rows in [0, 1]
 
 
@@ -76,13 +82,18 @@ def descend(omega0: Tensor, free: Tensor, loss: Callable[[Tensor], Tensor], opti
     """NGD on ``loss``; gradients are switched on whatever the caller's mode (lm-eval scores under no_grad)."""
     with torch.enable_grad():
         return optimise_pathway(omega0, loss, free, steps=options.steps, lr=options.lr, lr_min=options.lr_min,
-                                schedule=options.schedule, simplex=simplex)
+                                schedule=options.schedule, simplex=simplex, keep_best=options.keep_best,
+                                tol=options.tol)
 
 
 def _mode_finding(p: Problem) -> Solution:
     alpha = MODE_FINDING_ALPHA if p.options.alpha is None else p.options.alpha
-    result = mean_shift(p.omega0, p.reference_pathways(), k=p.options.k, alpha=alpha, iters=p.options.mode_iters,
-                        kernel=p.kernel, bandwidth=p.options.bandwidth, free_mask=p.free, simplex=p.simplex)
+    if p.options.mode_neighbourhood == "text":
+        references, valid = p.neighbour_pathways(), p.neighbours.valid
+    else:
+        references, valid = p.reference_pathways(), None
+    result = mean_shift(p.omega0, references, k=p.options.k, alpha=alpha, iters=p.options.mode_iters,
+                        kernel=p.kernel, bandwidth=p.pathway_bandwidth, valid=valid, free_mask=p.free, simplex=p.simplex)
     return Solution(result.omega)
 
 

@@ -14,13 +14,14 @@ from lm_eval_c3po.score import Example, choice_loss
 
 
 def oracle_pathways(model, routing: RoutingController, config: C3POConfig, examples: Sequence[Example],
-                    max_length: int) -> torch.Tensor:
-    """``[B, L_crit, E]``: each example's pathway after NGD on its own gold loss. Needs no reference store.
+                    max_length: int, softmax_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[B, P * L_crit, E]``: each example's pathway after NGD on its own gold loss. Needs no reference store.
 
     ``config`` must be resolved for the model (:meth:`C3POConfig.resolved_for`).
     """
-    omega0 = own_pathways(model, routing, config.layer_ids, [ex.context for ex in examples], max_length)
+    omega0 = own_pathways(model, routing, config.layer_ids, [ex.context for ex in examples], max_length,
+                          config.tokens)
     free = core_expert_mask(omega0, config.core_experts, routing.top_k)
     loss = choice_loss(model, routing, config.layer_ids, config.tokens, [[ex] for ex in examples],
-                       torch.ones(len(examples), 1), max_length)
+                       torch.ones(len(examples), 1), max_length, objective=config.loss, softmax_dtype=softmax_dtype)
     return descend(omega0, free, loss, config, routing.routing_kind == "softmax").omega

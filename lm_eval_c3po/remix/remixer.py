@@ -13,6 +13,7 @@ For a batch of test contexts the :class:`Remixer`
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -27,25 +28,49 @@ from lm_eval_c3po.remix.core_experts import core_expert_mask
 from lm_eval_c3po.remix.icl import demonstration_prefixes, with_prefixes
 from lm_eval_c3po.remix.methods import METHODS, Problem, Solution
 from lm_eval_c3po.remix.oracle import oracle_pathways
-from lm_eval_c3po.retrieve import Embedder, Neighbours, Retriever
-from lm_eval_c3po.routing import RoutingController, input_device, own_pathways
+from lm_eval_c3po.retrieve import Embedder, Neighbours, Retriever, as_kernel_spec
+from lm_eval_c3po.routing import RoutingController, input_device, own_pathways, token_slots
 from lm_eval_c3po.score import ChoiceLoss, Example, PrefixCache, TrieScorer, choice_loss, fast_path_applies
 from lm_eval_c3po.store import ReferenceStore, lm_signature
+
+
+@dataclasses.dataclass
+class BallCounts:
+    """Epsilon-ball sizes over a run: how many contexts, how many neighbours, how many fell back to the nearest."""
+
+    contexts: int = 0
+    neighbours: int = 0
+    fallbacks: int = 0
+
+    def add(self, neighbours: Neighbours) -> None:
+        self.contexts += len(neighbours.valid)
+        self.neighbours += int(neighbours.valid.sum())
+        self.fallbacks += int(neighbours.fallback.sum())
+
+    def summary(self, eps: float, candidates: int) -> str:
+        mean = self.neighbours / max(self.contexts, 1)
+        return (f"c3po: epsilon-ball eps={eps} over the {candidates} nearest references: {self.contexts} contexts, "
+                f"{mean:.2f} neighbours on average, {self.fallbacks} empty balls fell back to the single nearest")
 
 
 class Remixer:
     """Computes omega* for test contexts from a reference store (see the module docstring)."""
 
     def __init__(self, model, tokenizer, routing: RoutingController, store: ReferenceStore, embedder,
-                 config: C3POConfig, max_length: int):
+                 config: C3POConfig, max_length: int, softmax_dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.routing = model, tokenizer, routing
         self.store, self.config, self.max_length = store, config, max_length
+        self.softmax_dtype = softmax_dtype  # HFLM's: scores follow its precision
         self.method = METHODS[config.method]
         self.simplex = routing.routing_kind == "softmax"
         self.layer_ids = list(config.layer_ids)
+        self.slots = token_slots(config.tokens)  # omega rows are (slot, critical layer) pairs, slot-major
+        store.pathways(np.zeros(0, dtype=np.int64), self.slots, self.layer_ids)  # refuse missing slots up front
         self.device = input_device(model)
-        self.retriever = Retriever(store, embedder, k=config.k, eps=config.eps, dedup=config.dedup,
-                                   kernel=config.kernel, bandwidth=config.bandwidth)
+        kernel = dataclasses.replace(as_kernel_spec(config.kernel), degree=config.degree, coef0=config.coef0)
+        self.retriever = Retriever(store, embedder, k=config.k, eps=config.eps, eps_candidates=config.eps_candidates,
+                                   dedup=config.dedup, kernel=kernel, bandwidth=config.bandwidth)
+        self.ball = BallCounts()
         model.requires_grad_(False)  # only omega is optimised
         self.loss_cache = PrefixCache()  # prepared neighbours, shared by every neighbourhood loss
         self._diagnostics = Path(config.diagnostics) if config.diagnostics else None
@@ -56,21 +81,20 @@ class Remixer:
         embedder = Embedder(config.embedder, device=str(lm.device))
         expect = lm_signature(lm)
         stores = [ReferenceStore.load(path, expect=expect, embedder=embedder.signature) for path in config.reference]
-        store = stores[0] if len(stores) == 1 else ReferenceStore.merge(stores)
-        return cls(lm.model, lm.tokenizer, lm.routing, store, embedder, config, lm.max_length)
+        store = (stores[0] if len(stores) == 1 else ReferenceStore.merge(stores)).answered_correctly()
+        return cls(lm.model, lm.tokenizer, lm.routing, store, embedder, config, lm.max_length,
+                   getattr(lm, "softmax_dtype", None))
 
     # -- the pathway of every context -----------------------------------------
 
     def pathways(self, texts: Sequence[str], contexts: Sequence[Sequence[int]], progress: bool = True
-                 ) -> dict[tuple[int, ...], torch.Tensor]:
-        """omega* ``[1, L_crit, E]`` per distinct context (keyed by its token ids)."""
-        out: dict[tuple[int, ...], torch.Tensor] = {}
+                 ) -> list[torch.Tensor]:
+        """omega* ``[1, L_crit, E]`` of each context, given as the tokens the model sees (already truncated)."""
+        out: list[torch.Tensor] = []
         for part in self._batches(len(contexts), "re-mixing", progress):
             batch = [list(c) for c in contexts[part]]
-            omega0 = own_pathways(self.model, self.routing, self.layer_ids, batch, self.max_length)
-            omega = self._remix(list(texts[part]), omega0)
-            for b, context in enumerate(batch):
-                out[tuple(context)] = omega[b].unsqueeze(0)
+            omega0 = self.own_pathways(batch)
+            out.extend(omega.unsqueeze(0) for omega in self._remix(list(texts[part]), omega0))
         return out
 
     def score(self, texts: Sequence[str], contexts: Sequence[Sequence[int]],
@@ -88,7 +112,7 @@ class Remixer:
             examples = [[Example(list(ctx), [list(c) for c in conts], 0)]
                         for ctx, conts in zip(contexts[part], continuations[part])]
             scorer = TrieScorer(self.model, self.routing, self.layer_ids, self.config.tokens, examples,
-                                self.max_length, cache=PrefixCache())
+                                self.max_length, cache=PrefixCache(), softmax_dtype=self.softmax_dtype)
             omega = self._remix(list(texts[part]), scorer.own_routing())
             ll, greedy = scorer.row_scores(omega)
             cursor = 0
@@ -115,16 +139,20 @@ class Remixer:
         if self.method.pathway is None:
             raise ValueError(f"method {self.config.method!r} does not re-mix pathways")
         neighbours, weights = self.retriever(texts)
+        if self.config.eps is not None:
+            self.ball.add(neighbours)
         problem = Problem(
             omega0=omega0,
             free=core_expert_mask(omega0, self.config.core_experts, self.routing.top_k),
             neighbours=neighbours,
             weights=weights,
-            neighbour_pathways=lambda: self.retriever.pathways(neighbours, self.layer_ids),
+            neighbour_pathways=lambda: torch.from_numpy(
+                self.store.pathways(neighbours.indices.clamp_min(0).numpy(), self.slots, self.layer_ids)),
             reference_pathways=self._reference_pathways,
             loss=lambda: self.neighbourhood_loss(neighbours, weights),
             options=self.config,
             kernel=self.retriever.kernel,
+            pathway_bandwidth=None if isinstance(self.config.bandwidth, str) else float(self.config.bandwidth),
             simplex=self.simplex,
         )
         solution = self.method.pathway(problem)
@@ -133,9 +161,10 @@ class Remixer:
         return omega
 
     def _reference_pathways(self) -> torch.Tensor:
-        """Every reference's pathway ``[N, L_crit, E]`` (mode finding searches them all), read once."""
+        """Every reference's pathway ``[N, P * L_crit, E]`` (mode finding searches them all), read once."""
         if self._references is None:
-            self._references = torch.from_numpy(np.asarray(self.store.routing[:, self.layer_ids]))
+            self._references = torch.from_numpy(self.store.pathways(np.arange(len(self.store)), self.slots,
+                                                                    self.layer_ids))
         return self._references
 
     def neighbourhood_loss(self, neighbours: Neighbours, weights: torch.Tensor) -> ChoiceLoss:
@@ -149,7 +178,8 @@ class Remixer:
             kept = weights[b][valid]
             compact[b, : len(kept)] = kept
         return choice_loss(self.model, self.routing, self.layer_ids, self.config.tokens, examples, compact,
-                           self.max_length, cache=self.loss_cache)
+                           self.max_length, cache=self.loss_cache, objective=self.config.loss,
+                           softmax_dtype=self.softmax_dtype)
 
     def reference_example(self, row: int) -> Example:
         return Example(
@@ -161,11 +191,12 @@ class Remixer:
     # -- analysis and the ICL baseline -----------------------------------------
 
     def own_pathways(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
-        return own_pathways(self.model, self.routing, self.layer_ids, contexts, self.max_length)
+        """The contexts' own routing ``[B, P * L_crit, E]`` at the run's token slots."""
+        return own_pathways(self.model, self.routing, self.layer_ids, contexts, self.max_length, self.config.tokens)
 
     def oracle(self, examples: Sequence[Example]) -> torch.Tensor:
         """NGD on each test example's *own* gold loss: an upper bound for analysis, never a C3PO score."""
-        return oracle_pathways(self.model, self.routing, self.config, examples, self.max_length)
+        return oracle_pathways(self.model, self.routing, self.config, examples, self.max_length, self.softmax_dtype)
 
     def with_demonstrations(self, requests):
         """The ICL baseline: the same retrieved neighbours prepended as solved demonstrations."""
@@ -194,6 +225,7 @@ class Remixer:
                     "context": text[:200],
                     "method": self.config.method,
                     "critical_layers": self.layer_ids,
+                    "token_slots": self.slots,
                     "num_experts": self.routing.num_experts,
                     "top_k": self.routing.top_k,
                     "neighbours": nbrs,
@@ -202,13 +234,15 @@ class Remixer:
                     "loss": losses[b],
                     "alpha": alpha[b],
                     "steps": self.config.steps,
+                    "ball": {"size": len(nbrs), "fallback": bool(neighbours.fallback[b])} if self.config.eps is not None else None,
                 }
                 f.write(json.dumps(record) + "\n")
 
     def _weights_and_topk(self, omega: torch.Tensor) -> dict:
+        """Rows (and their top-k) per (token slot, critical layer), slot-major as omega holds them."""
         topk = []
-        for slot, layer_id in enumerate(self.layer_ids):
-            layer = self.routing.layers[layer_id]
-            row = omega[slot].unsqueeze(0).to(self.device)
+        for n, row in enumerate(omega):
+            layer = self.routing.layers[self.layer_ids[n % len(self.layer_ids)]]
+            row = row.unsqueeze(0).to(self.device)
             topk.append(sorted(layer.adapter.route(layer.router, row, row.clamp_min(1e-30).log())[1][0].tolist()))
         return {"weights": omega.tolist(), "topk": topk}

@@ -20,11 +20,16 @@ from lm_eval_c3po.retrieve.kernels import (
     sphere_distance,
 )
 from lm_eval_c3po.retrieve.neighbourhood import Neighbours, epsilon_ball, k_nearest
-from lm_eval_c3po.retrieve.retriever import EPS_BALL_CANDIDATES, Retriever
+from lm_eval_c3po.retrieve.retriever import (
+    BANDWIDTH_RULES,
+    Retriever,
+    bandwidth_from_neighbour_distances,
+    store_bandwidth,
+)
 
 __all__ = [
     "DEFAULT_EMBEDDER",
-    "EPS_BALL_CANDIDATES",
+    "BANDWIDTH_RULES",
     "Embedder",
     "KERNEL_CHOICES",
     "KERNEL_NAMES",
@@ -32,6 +37,7 @@ __all__ = [
     "Neighbours",
     "Retriever",
     "as_kernel_spec",
+    "bandwidth_from_neighbour_distances",
     "epsilon_ball",
     "k_nearest",
     "kernel_values",
@@ -40,4 +46,5 @@ __all__ = [
     "kernel_weights_from_geometry",
     "median_bandwidth",
     "sphere_distance",
+    "store_bandwidth",
 ]

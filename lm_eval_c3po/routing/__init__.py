@@ -16,6 +16,7 @@ from lm_eval_c3po.routing.specs import (
     SpecError,
     parse_layers,
     token_positions,
+    token_slots,
     validate_token_spec,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "input_device",
     "parse_layers",
     "token_positions",
+    "token_slots",
     "validate_token_spec",
 ]

@@ -20,6 +20,7 @@ from torch import nn
 
 from lm_eval_c3po.routing.adapters import RouterAdapter, RoutingKind, detect_rule, is_router
 from lm_eval_c3po.routing.families import family_of
+from lm_eval_c3po.routing.specs import token_positions
 
 
 class NotAnMoEModelError(ValueError):
@@ -53,6 +54,18 @@ class RoutingCapture:
                 f"no routing was captured for MoE layers {missing}: run the model inside the capture block"
             )
         return torch.stack([self._rows[layer] for layer in self.layers], dim=2)
+
+
+def _last_write_wins(idx: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep, for a token addressed twice (a short context under ``last:3``, or ``first+last``), the later
+    address's pathway: ``index_put`` with repeated indices would leave the choice undefined."""
+    if len(idx) < 2 or len(torch.unique(idx)) == len(idx):
+        return idx, rows
+    order = torch.arange(len(idx), device=idx.device)
+    latest = torch.full((int(idx.max()) + 1,), -1, dtype=torch.long, device=idx.device)
+    latest = latest.scatter_reduce(0, idx, order, reduce="amax")
+    keep = latest[idx] == order
+    return idx[keep], rows[keep]
 
 
 def _decoder_layer_of(name: str) -> int | None:
@@ -215,6 +228,7 @@ class RoutingController:
                 flat_logits = logits.reshape(-1, logits.shape[-1])
                 idx = self._flat_rows(positions, flat_logits.shape[0], flat_logits.device)
                 rows = omega[:, :, slot][positions >= 0].to(flat_logits.device, torch.float32)
+                idx, rows = _last_write_wins(idx, rows)
                 new_w, new_i = layer.adapter.route(module, rows, flat_logits.index_select(0, idx))
                 weights = weights.index_put((idx,), new_w.to(weights.dtype))
                 index = index.index_put((idx,), new_i.to(index.dtype))
@@ -227,16 +241,17 @@ class RoutingController:
 
 
 def own_pathways(model: nn.Module, routing: RoutingController, layer_ids: Sequence[int],
-                 contexts: Sequence[Sequence[int]], max_length: int) -> torch.Tensor:
-    """The model's own routing ``[B, L_crit, E]`` at each context's last token (one capture pass).
+                 contexts: Sequence[Sequence[int]], max_length: int, tokens: str = "last") -> torch.Tensor:
+    """The model's own routing ``[B, P * L_crit, E]`` at each context's token slots (one capture pass).
 
-    Contexts are left-truncated to ``max_length`` as lm-eval truncates them.
+    Rows are slot-major: slot p of ``tokens`` (:func:`~lm_eval_c3po.routing.specs.token_slots`) holds rows
+    ``p * L_crit ...``. Contexts are left-truncated to ``max_length`` as lm-eval truncates them.
     """
     contexts = [list(c)[-max_length:] for c in contexts]
     ids = torch.zeros(len(contexts), max(map(len, contexts)), dtype=torch.long)
     for b, c in enumerate(contexts):
         ids[b, : len(c)] = torch.tensor(c)
-    positions = torch.tensor([[len(c) - 1] for c in contexts])
+    positions = token_positions(tokens, [len(c) for c in contexts])
     with torch.no_grad(), routing.capture(positions, layers=layer_ids) as cap:
         model(ids.to(input_device(model)))
-    return cap.routing[:, 0].float()
+    return cap.routing.flatten(1, 2).float()

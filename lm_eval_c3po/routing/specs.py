@@ -18,7 +18,10 @@ LAYER_SPEC_HELP = (
     "use 'all', 'first:N', 'middle:N', 'last:N', explicit MoE-layer indices, "
     "or a '+'-joined combination such as 'first:2+last:3' or '3+5+7'"
 )
-TOKEN_SPEC_HELP = "use 'last' (default), 'last:N', 'first' or 'middle'"
+TOKEN_SPEC_HELP = (
+    "use 'last' (default), 'first' or 'middle', each optionally ':N' for N tokens, or a '+'-joined "
+    "combination such as 'first:3+middle:3+last:3'"
+)
 
 
 class SpecError(ValueError):
@@ -64,29 +67,57 @@ def _layer_part(part: str | int, num_layers: int, spec) -> range | list[int]:
     return range(start, start + n)
 
 
+def _token_parts(spec: str | None) -> list[tuple[str, int]]:
+    """``[(where, count)]`` of a token spec: ``last``, ``first``, ``middle``, each optionally ``:N``, ``+``-joined."""
+    spec = (spec or DEFAULT_TOKENS).strip()
+    parts = []
+    for part in (p.strip() for p in spec.split("+")):
+        where, colon, count = part.partition(":")
+        if where not in ("first", "middle", "last") or (colon and (not count.isdigit() or int(count) < 1)):
+            raise SpecError(f"unknown token spec {part!r} in {spec!r}: {TOKEN_SPEC_HELP}")
+        parts.append((where, int(count) if colon else 1))
+    return parts
+
+
+def token_slots(spec: str | None) -> list[str]:
+    """Names of the positions ``spec`` addresses, in :func:`token_positions` order, independent of the length.
+
+    ``last-j`` is j tokens before the last, ``first+j`` j after the first,
+    ``middle+j`` j from the middle token ``(n - 1) // 2``. A store records the
+    routing of named slots, and a run may re-mix any spec whose slots it holds.
+    """
+    names: list[str] = []
+    for where, count in _token_parts(spec):
+        if where == "last":
+            names += [f"last-{j}" for j in range(count - 1, -1, -1)]
+        elif where == "first":
+            names += [f"first+{j}" for j in range(count)]
+        else:
+            names += [f"middle{j - (count - 1) // 2:+d}" for j in range(count)]
+    return names
+
+
 def token_positions(spec: str | None, context_lengths: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """Positions ``[B, P]`` of the context tokens selected by ``spec`` in each row.
 
     ``context_lengths`` are the numbers of context tokens per row, counted from
-    position 0 (right-padded batches, as lm-eval builds them). ``last:N`` on a
-    context shorter than N repeats its first token rather than failing the
-    whole evaluation on one short document.
+    position 0 (right-padded batches, as lm-eval builds them). ``last:N``,
+    ``first:N`` and ``middle:N`` on a context shorter than N repeat its edge
+    tokens rather than failing the whole evaluation on one short document.
     """
-    spec = (spec or DEFAULT_TOKENS).strip()
     lengths = torch.as_tensor(context_lengths, dtype=torch.long).reshape(-1)
     if (lengths < 1).any():
         raise SpecError("empty context: C3PO needs at least one context token to place the pathway on")
-    if spec == "last":
-        return (lengths - 1).unsqueeze(1)
-    if spec == "first":
-        return torch.zeros_like(lengths).unsqueeze(1)
-    if spec == "middle":
-        return ((lengths - 1) // 2).unsqueeze(1)
-    where, _, count = spec.partition(":")
-    if where == "last" and count.isdigit() and int(count) >= 1:
-        offsets = torch.arange(int(count) - 1, -1, -1)
-        return (lengths.unsqueeze(1) - 1 - offsets).clamp_min(0)
-    raise SpecError(f"unknown token spec {spec!r}: {TOKEN_SPEC_HELP}")
+    columns = []
+    for name in token_slots(spec):
+        if name.startswith("last-"):
+            column = lengths - 1 - int(name[5:])
+        elif name.startswith("first+"):
+            column = torch.full_like(lengths, int(name[6:]))
+        else:
+            column = (lengths - 1) // 2 + int(name[6:])
+        columns.append(torch.minimum(column.clamp_min(0), lengths - 1))
+    return torch.stack(columns, dim=1)
 
 
 def validate_token_spec(spec: str | None) -> str:

@@ -11,11 +11,12 @@
 from lm_eval_c3po.score.batch_hooks import PathwayOverride, Request, RoutingRecorder, RowPlan
 from lm_eval_c3po.score.examples import Example, Row, causal_row, layout_rows
 from lm_eval_c3po.score.full_rows import FullRowScorer
-from lm_eval_c3po.score.loss import ChoiceLoss, RowScorer, choice_loss, neighbourhood_loss
+from lm_eval_c3po.score.loss import OBJECTIVES, ChoiceLoss, RowScorer, choice_loss, gold_only, neighbourhood_loss
 from lm_eval_c3po.score.prefix_cache import PrefixCache
 from lm_eval_c3po.score.trie_scorer import TrieScorer, fast_path_applies
 
 __all__ = [
+    "OBJECTIVES",
     "ChoiceLoss",
     "Example",
     "FullRowScorer",
@@ -30,6 +31,7 @@ __all__ = [
     "causal_row",
     "choice_loss",
     "fast_path_applies",
+    "gold_only",
     "layout_rows",
     "neighbourhood_loss",
 ]

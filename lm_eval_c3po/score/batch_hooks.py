@@ -105,17 +105,18 @@ class PathwayOverride:
 
 
 class RoutingRecorder:
-    """Record the routing ``[L, E]`` (every MoE layer) at each request's last context token, once per context."""
+    """Record the routing (every MoE layer) at each request's context token slots, once per context:
+    ``[L, E]`` for ``tokens="last"``, else ``[P, L, E]`` in :func:`~lm_eval_c3po.routing.token_slots` order."""
 
-    def __init__(self, routing: RoutingController, plan: RowPlan):
-        self.routing, self.plan = routing, plan
+    def __init__(self, routing: RoutingController, plan: RowPlan, tokens: str = "last"):
+        self.routing, self.plan, self.tokens = routing, plan, tokens
         self.captured: dict[Key, torch.Tensor] = {}
 
     @contextmanager
     def around_call(self, inps: torch.Tensor) -> Iterator[None]:
-        slots, positions = self.plan.positions(inps, "last")
+        slots, positions = self.plan.positions(inps, self.tokens)
         with self.routing.capture(positions) as cap:
             yield
-        for slot, routing in zip(slots, cap.routing[:, 0]):
+        for slot, routing in zip(slots, cap.routing):
             if slot is not None:
-                self.captured.setdefault(slot.context, routing)
+                self.captured.setdefault(slot.context, routing[0] if self.tokens == "last" else routing)

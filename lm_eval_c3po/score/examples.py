@@ -4,8 +4,9 @@ lm-eval scores a (context, continuation) pair on the row
 ``(context + continuation)[-(max_length + 1):][:-1]``: left-truncated to the
 model's window, the last answer token only a target. Everything that scores
 rows here (the reference loss, the prefix-cached scorer, the batch hooks that
-find lm-eval's rows again) builds them with :func:`causal_row`, so they agree
-with lm-eval token for token.
+find lm-eval's rows again) builds them with :func:`causal_row` and turns
+logits into log-likelihoods with :func:`answer_log_probs`, so they agree with
+lm-eval token for token and in its precision.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -54,3 +57,10 @@ def layout_rows(examples: Sequence[Sequence[Example]], max_length: int) -> list[
                 tokens, context_len = causal_row(example.context, continuation, max_length)
                 rows.append(Row(b, i, c, tokens, context_len, len(continuation)))
     return rows
+
+
+def answer_log_probs(logits: torch.Tensor, targets: torch.Tensor, softmax_dtype: torch.dtype | None) -> torch.Tensor:
+    """Each target token's log-probability as HFLM computes it: ``log_softmax`` in ``softmax_dtype``
+    (HFLM's model arg), else in the logits' own dtype (bf16 logits give bf16 log-probabilities)."""
+    logprobs = torch.log_softmax(logits, dim=-1, dtype=softmax_dtype)
+    return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

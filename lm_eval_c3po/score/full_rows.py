@@ -1,5 +1,9 @@
 """The reference row scorer: every row through the whole model, with omega written at its context tokens.
 
+A pathway has one row per (token slot, critical layer), slot-major: ``omega [P * L_crit, E]`` with ``P``
+the slots of the token spec (:func:`~lm_eval_c3po.routing.token_slots`); slot p is written at its own
+position.
+
 Simple enough to trust: the prefix-cached :class:`~lm_eval_c3po.score.trie_scorer.TrieScorer`
 is tested against it, and families off that path (GraniteMoE, PhiMoE, flash
 attention) use it.
@@ -12,16 +16,17 @@ from collections.abc import Sequence
 import torch
 
 from lm_eval_c3po.routing import RoutingController, input_device, token_positions
-from lm_eval_c3po.score.examples import Example, layout_rows
+from lm_eval_c3po.score.examples import Example, answer_log_probs, layout_rows
 
 
 class FullRowScorer:
     """Row log-likelihoods of ``examples``' choices, ``max_rows`` padded rows per forward call."""
 
     def __init__(self, model, routing: RoutingController, layer_ids: Sequence[int], tokens: str,
-                 examples: Sequence[Sequence[Example]], max_length: int, max_rows: int = 64):
+                 examples: Sequence[Sequence[Example]], max_length: int, max_rows: int = 64,
+                 softmax_dtype: torch.dtype | None = None):
         self.model, self.routing, self.layer_ids, self.tokens = model, routing, list(layer_ids), tokens
-        self.examples, self.max_rows = examples, max_rows
+        self.examples, self.max_rows, self.softmax_dtype = examples, max_rows, softmax_dtype
         self.rows = layout_rows(examples, max_length)
         self.device = input_device(model)
 
@@ -39,14 +44,13 @@ class FullRowScorer:
             ids[n, : len(row.tokens)] = torch.tensor(row.tokens)
         positions = token_positions(self.tokens, [row.context_len for _, row in jobs])
         owner = torch.tensor([row.owner * per + g for g, row in jobs])
-        written = omega[owner].unsqueeze(1).expand(-1, positions.shape[1], -1, -1)
+        written = omega[owner].view(len(jobs), positions.shape[1], len(self.layer_ids), omega.shape[-1])
         with self.routing.override(positions, written, layers=self.layer_ids):
-            logits = self.model(ids.to(self.device)).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+            logits = self.model(ids.to(self.device)).logits
         out = []
         for n, (_, row) in enumerate(jobs):
             end = len(row.tokens)
             answer = self.examples[row.owner][row.example].choices[row.choice]
-            targets = torch.tensor(list(answer), device=logprobs.device)
-            out.append(logprobs[n, end - row.answer_len:end].gather(-1, targets.unsqueeze(-1)).sum())
-        return torch.stack(out)
+            targets = torch.tensor(list(answer), device=logits.device)
+            out.append(answer_log_probs(logits[n, end - row.answer_len:end], targets, self.softmax_dtype).sum())
+        return torch.stack(out).float()

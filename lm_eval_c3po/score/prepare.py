@@ -95,4 +95,3 @@ def keep_d0(d0: FirstCriticalLayer, trie_at: list[tuple[Trie, int, int]], hidden
         trie.rest = (hidden[row, over] - y[row, over]).clone()
         trie.experts = routed.clone()
         trie.logits = logits[row, over].clone()
-        trie.own_logits = logits[row, at + trie.last_context].clone()

@@ -51,7 +51,7 @@ import torch
 
 from lm_eval_c3po.routing import FAMILIES, RoutingController, input_device
 from lm_eval_c3po.score.decoder import KV, left_pad, run_after_prefix
-from lm_eval_c3po.score.examples import Example, layout_rows
+from lm_eval_c3po.score.examples import Example, answer_log_probs, layout_rows
 from lm_eval_c3po.score.first_layer import FirstCriticalLayer
 from lm_eval_c3po.score.packing import chunk_by_cost
 from lm_eval_c3po.score.prefix_cache import PrefixCache, PreparedNeighbour
@@ -108,12 +108,13 @@ class TrieScorer:
 
     def __init__(self, model, routing: RoutingController, layer_ids: Sequence[int], tokens: str,
                  examples: Sequence[Sequence[Example]], max_length: int, max_rows: int = 64,
-                 cache: PrefixCache | None = None):
+                 cache: PrefixCache | None = None, softmax_dtype: torch.dtype | None = None):
         if not fast_path_applies(model, routing, layer_ids, max_length):
             raise ValueError("scoring from prepared tries needs a model on the prefix-cached path "
                              "(see fast_path_applies); use FullRowScorer")
         self.model, self.routing, self.layer_ids, self.tokens = model, routing, list(layer_ids), tokens
         self.examples, self.max_length, self.budget_rows = examples, max_length, max_rows
+        self.softmax_dtype = softmax_dtype
         self.rows = layout_rows(examples, max_length)
         self.row_index = {row.key: n for n, row in enumerate(self.rows)}
         self.device = input_device(model)
@@ -285,13 +286,16 @@ class TrieBatch:
             return run_after_prefix(model, hidden, kv, prefix_len, depth, visible, *layers)
 
         # Write each copy's pathway in: at d0 by its linear mix, in later critical layers by the router hooks.
-        rows, positions, jobs = [], [], []
+        # omega rows are (slot, critical layer) pairs; each overridden node takes its writer slot's pathway.
+        rows, positions, jobs, slots = [], [], [], []
         for row, (n, trie) in enumerate(zip(chunk, picked)):
             for g in range(per):
                 rows += [row] * len(trie.overridden)
                 positions += [g * width + node for node in trie.overridden]
                 jobs += [self.owner[n] * per + g] * len(trie.overridden)
-        pathways = omega[torch.tensor(jobs, device=omega.device)]  # [M, Lc, E]
+                slots += trie.writer
+        by_slot = omega.view(omega.shape[0], -1, len(scorer.layer_ids), omega.shape[-1])
+        pathways = by_slot[torch.tensor(jobs, device=omega.device), torch.tensor(slots, device=omega.device)]
         mixed = d0.mix(pathways[:, d0.slot],
                        *(torch.cat([getattr(t, name).repeat(per, *[1] * (getattr(t, name).dim() - 1)) for t in picked])
                          for name in ("logits", "rest", "experts")))
@@ -299,9 +303,9 @@ class TrieBatch:
                                   mixed.to(hidden.dtype))
         if not d0.later_slots:
             return run_after_prefix(model, hidden, kv, prefix_len, depth, visible, *layers)
-        slots = max(per * len(t.overridden) for t in picked)
-        where = torch.full((len(picked), slots), -1, dtype=torch.long)
-        written = pathways.new_zeros(len(picked), slots, len(d0.later_slots), pathways.shape[-1])
+        width_slots = max(per * len(t.overridden) for t in picked)
+        where = torch.full((len(picked), width_slots), -1, dtype=torch.long)
+        written = pathways.new_zeros(len(picked), width_slots, len(d0.later_slots), pathways.shape[-1])
         counts = [0] * len(picked)
         for m, (row, position) in enumerate(zip(rows, positions)):
             where[row, counts[row]] = position
@@ -311,7 +315,7 @@ class TrieBatch:
             return run_after_prefix(model, hidden, kv, prefix_len, depth, visible, *layers)
 
     def own_routing(self, scorer: TrieScorer) -> torch.Tensor:
-        """The routing ``[B, Lc, E]`` of each context's own trie at its last context token."""
+        """The routing ``[B, P * Lc, E]`` of each context's own trie at its token slots (slot-major rows)."""
         d0 = scorer.d0
         out: dict[int, torch.Tensor] = {}
         if None in self.own_trie:
@@ -319,15 +323,17 @@ class TrieBatch:
         wanted = sorted(set(self.own_trie))
         for chunk in chunk_by_cost([self.tries[n].trunk_len for n in wanted], self.budget_tokens):
             chunk = [wanted[n] for n in chunk]
-            routing = torch.empty(len(chunk), len(scorer.layer_ids), scorer.routing.num_experts)
-            logits = torch.stack([self.tries[n].own_logits for n in chunk])
-            routing[:, d0.slot] = d0.layer.adapter.distribution(d0.layer.router, logits).float().cpu()
+            tries = [self.tries[n] for n in chunk]
+            routing = torch.empty(len(chunk), len(tries[0].slot_nodes), len(scorer.layer_ids),
+                                  scorer.routing.num_experts)
+            logits = torch.stack([t.logits[t.slot_index] for t in tries])  # [n, P, E]
+            routing[:, :, d0.slot] = d0.layer.adapter.distribution(d0.layer.router, logits).float().cpu()
             if d0.later_slots:
-                nodes = torch.tensor([[self.tries[n].last_context] for n in chunk])
+                nodes = torch.tensor([t.slot_nodes for t in tries])
                 with scorer.routing.capture(nodes, layers=d0.later_layers) as cap:
                     self.run(scorer, chunk, None, 1, trunk_only=True)
-                routing[:, list(d0.later_slots)] = cap.routing[:, 0].float()
-            out.update(zip(chunk, routing))
+                routing[:, :, list(d0.later_slots)] = cap.routing.float()
+            out.update(zip(chunk, routing.flatten(1, 2)))
         return torch.stack([out[n] for n in self.own_trie])
 
     def log_likelihoods(self, scorer: TrieScorer, omega: torch.Tensor, per: int, greedy: bool = False
@@ -335,10 +341,11 @@ class TrieBatch:
         """Summed answer log-likelihood ``[per * rows]`` (job ``g * rows + r``: row r of ``scorer.rows``
         under pathway ``omega[b * per + g]``) and, with ``greedy``, lm-eval's is-greedy flag.
 
-        Only the scored nodes reach the (vocabulary-wide) head.
+        Only the scored nodes reach the (vocabulary-wide) head. The log-softmax and the sums run in
+        HFLM's precision (its ``softmax_dtype``, else the logits' dtype), returned as float32.
         """
         model = scorer.model
-        ll = omega.new_zeros(per * self.num_rows, dtype=torch.float32, device=scorer.device)
+        ll = None
         missed = torch.zeros(per * self.num_rows, device=scorer.device)
         for chunk in self.chunks(per):
             hidden = self.run(scorer, chunk, omega, per)
@@ -349,11 +356,13 @@ class TrieBatch:
             rows = rows.expand(per, -1).reshape(-1).to(hidden.device)
             nodes = (copies * width + scored[:, 0]).reshape(-1).to(hidden.device)
             targets_t = scored[:, 1].expand(per, -1).reshape(-1).to(hidden.device)
-            jobs_t = (copies * self.num_rows + scored[:, 2]).reshape(-1).to(ll.device)
-            logits = model.lm_head(model.model.norm(hidden[rows, nodes])).float()
-            token_ll = torch.log_softmax(logits, dim=-1).gather(-1, targets_t.unsqueeze(-1)).squeeze(-1)
+            jobs_t = (copies * self.num_rows + scored[:, 2]).reshape(-1).to(scorer.device)
+            logits = model.lm_head(model.model.norm(hidden[rows, nodes]))
+            token_ll = answer_log_probs(logits, targets_t, scorer.softmax_dtype)
+            if ll is None:
+                ll = token_ll.new_zeros(per * self.num_rows, device=scorer.device)
             ll = ll.index_add(0, jobs_t, token_ll.to(ll.device))
             if greedy:
-                missed.index_add_(0, jobs_t, (logits.argmax(-1) != targets_t).float().to(ll.device))
-        return ll, (missed == 0).cpu() if greedy else None
+                missed.index_add_(0, jobs_t, (logits.argmax(-1) != targets_t).float().to(missed.device))
+        return ll.float(), (missed == 0).cpu() if greedy else None
 

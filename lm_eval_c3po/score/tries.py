@@ -36,6 +36,7 @@ class Trie:
     depth: list[int]  # node n sits at position p0 + depth[n] of the unsplit row
     parent: list[int]  # -1 for the first trunk node
     overridden: list[int]  # the nodes at the overridden positions (distinct, ascending)
+    slot_nodes: list[int]  # per token slot of the spec (token_slots order), its node (slots may share one)
     last_context: int  # the node of the last context token
     scored: dict[int, list[tuple[int, int]]]  # choice -> [(node, target token)]
     # Set by _prepare, from the first critical layer d0 (see FirstCriticalLayer):
@@ -43,11 +44,21 @@ class Trie:
     rest: torch.Tensor | None = None  # [O, H] that output at the overridden nodes less its routed experts' part
     experts: torch.Tensor | None = None  # [O, E, H] every routed expert's output at the overridden nodes
     logits: torch.Tensor | None = None  # [O, E] d0's router logits there
-    own_logits: torch.Tensor | None = None  # [E] d0's router logits at the last context node
 
     @property
     def tensors(self) -> list[torch.Tensor]:
-        return [self.hidden, self.rest, self.experts, self.logits, self.own_logits]
+        return [self.hidden, self.rest, self.experts, self.logits]
+
+    @functools.cached_property
+    def writer(self) -> list[int]:
+        """Per overridden node, the slot whose pathway is written there: the last slot on it (as the router
+        override does, :func:`~lm_eval_c3po.routing.control._last_write_wins`)."""
+        return [max(j for j, node in enumerate(self.slot_nodes) if node == n) for n in self.overridden]
+
+    @functools.cached_property
+    def slot_index(self) -> list[int]:
+        """Per slot, the index of its node among :attr:`overridden` (where its own routing is read)."""
+        return [self.overridden.index(node) for node in self.slot_nodes]
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -88,7 +99,7 @@ def build_tries(rows: Sequence[tuple[Sequence[int], int, Sequence[int]]], tokens
         if key not in tries:
             index[key] = len(tries)
             tries[key] = Trie(group, p0, list(trunk), list(range(len(trunk))), list(range(-1, len(trunk) - 1)),
-                              sorted({p - p0 for p in positions}), len(trunk) - 1, {})
+                              sorted({p - p0 for p in positions}), [p - p0 for p in positions], len(trunk) - 1, {})
         trie = tries[key]
         choice_trie.append(index[key])
         node = trie.last_context

@@ -33,6 +33,11 @@ TENSOR_DTYPES: dict[str, type] = {
 NORM_TOLERANCE = 1e-3
 
 
+def routing_shape(n: int, num_layers: int, num_experts: int, slots: int | None) -> tuple[int, ...]:
+    """``[n, L, E]`` for a last-token store, ``[n, P, L, E]`` for one built for ``P`` token slots."""
+    return (n, num_layers, num_experts) if slots is None else (n, slots, num_layers, num_experts)
+
+
 def _offsets(lengths: Sequence[int]) -> np.ndarray:
     out = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out[1:])
@@ -59,15 +64,20 @@ class Columns:
         return len(self.gold)
 
     @classmethod
-    def from_records(cls, records: Sequence[Record], num_layers: int, num_experts: int, dim: int) -> Columns:
-        """Columns of ``records`` in order; the shapes are needed for a shard that kept no record."""
+    def from_records(cls, records: Sequence[Record], num_layers: int, num_experts: int, dim: int,
+                     slots: int | None = None) -> Columns:
+        """Columns of ``records`` in order; the shapes are needed for a shard that kept no record.
+
+        ``slots``: the token slots per record of a store built for several (routing ``[n, P, L, E]``);
+        None for the default last-token store (``[n, L, E]``).
+        """
         choices = [c for r in records for c in r.choice_ids]
 
         def stack(arrays: list[np.ndarray], empty_shape: tuple[int, ...], dtype: type) -> np.ndarray:
             return np.stack(arrays).astype(dtype, copy=False) if arrays else np.zeros(empty_shape, dtype)
 
         return cls(
-            routing=stack([r.routing for r in records], (0, num_layers, num_experts), np.float32),
+            routing=stack([r.routing for r in records], routing_shape(0, num_layers, num_experts, slots), np.float32),
             embeddings=stack([r.embedding for r in records], (0, dim), np.float32),
             context_ids=np.concatenate([r.context_ids for r in records]) if records else np.zeros(0, np.int64),
             context_offsets=_offsets([len(r.context_ids) for r in records]),
@@ -189,11 +199,11 @@ class Columns:
             texts=[t for p in small for t in p.texts],
         )
 
-    def validate(self, num_layers: int, num_experts: int, dim: int) -> None:
+    def validate(self, num_layers: int, num_experts: int, dim: int, slots: int | None = None) -> None:
         """Raise ValueError naming the first inconsistency: shapes, offsets, dtypes, non-finite values."""
         n = len(self.gold)
         shapes = {
-            "routing": (n, num_layers, num_experts),
+            "routing": routing_shape(n, num_layers, num_experts, slots),
             "embeddings": (n, dim),
             "correct": (n,),
             "correct_norm": (n,),

@@ -29,16 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def expert_usage(store: ReferenceStore, top: int) -> list[dict[str, Any]]:
-    """Per MoE layer: how often each expert is in the top-k of the stored pathways.
+    """Per MoE layer: how often each expert is in the top-k of the stored pathways (at the store's last slot).
 
     ``entropy`` is the usage distribution's entropy over log(E) (1 = every
     expert equally used), ``coverage`` the fraction of experts used at least
     once. Top-k is taken on the stored scores (for sigmoid routers this
     ignores the selection bias and expert groups).
     """
-    n, num_layers, num_experts = store.routing.shape
+    routing = store.pathways(np.arange(len(store)), [store.token_slots[-1]], range(store.model.num_layers))
+    n, num_layers, num_experts = routing.shape
     k = store.model.top_k
-    chosen = np.argpartition(-store.routing, k - 1, axis=2)[..., :k]  # [N, L, k]
+    chosen = np.argpartition(-routing, k - 1, axis=2)[..., :k]  # [N, L, k]
     flat = chosen + (np.arange(num_layers) * num_experts)[None, :, None]
     counts = np.bincount(flat.ravel(), minlength=num_layers * num_experts).reshape(num_layers, num_experts)
     out = []

@@ -101,6 +101,9 @@ class ShardInfo:
         )
 
 
+LAST_TOKEN_SLOT = "last-0"  # routing.specs.token_slots("last")
+
+
 @dataclass
 class StoreManifest:
     """Everything about a store except its rows.
@@ -126,6 +129,15 @@ class StoreManifest:
 
     def with_build(self, **params: Any) -> StoreManifest:
         return replace(self, build={**self.build, **params})
+
+    @property
+    def token_slots(self) -> list[str]:
+        """The token slots whose routing each row holds (``c3po build-reference --tokens``).
+
+        A store built for the last context token (the default) records no list:
+        its routing is ``[N, L, E]`` and its one slot is ``last-0``.
+        """
+        return list(self.build.get("token_slots", [LAST_TOKEN_SLOT]))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -160,6 +172,12 @@ class StoreManifest:
             created=str(d.get("created", "")),
             format_version=version,
         )
+
+
+def slot_count(manifest: StoreManifest) -> int | None:
+    """How many token slots a row's routing holds (``[P, L, E]``), or None for a last-token store (``[L, E]``)."""
+    slots = manifest.build.get("token_slots")
+    return None if slots is None else len(slots)
 
 
 def load_manifest(directory: Path) -> StoreManifest:

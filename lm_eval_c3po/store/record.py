@@ -13,7 +13,8 @@ class Record:
     """One lm-eval doc after the model's forward pass.
 
     ``routing`` is the pathway: the router scores of the last context token in
-    every MoE layer, float32 [L, E]. ``embedding`` is the unit-norm sentence
+    every MoE layer, float32 [L, E]; or, in a store built for other token slots
+    (``--tokens``), those scores at each slot, [P, L, E]. ``embedding`` is the unit-norm sentence
     embedding of ``question`` (the lm-eval context), float32 [D].
     ``context_ids`` are the context's token ids, ``choice_ids`` one array of
     continuation token ids per choice. ``correct`` / ``correct_norm`` say
@@ -46,8 +47,11 @@ class Record:
             )
         if not 0 <= self.gold < len(self.choices):
             raise ValueError(f"{self.id}: gold index {self.gold} is outside its {len(self.choices)} choices")
-        if self.routing.ndim != 2:
-            raise ValueError(f"{self.id}: routing must be [layers, experts], got shape {self.routing.shape}")
+        if self.routing.ndim not in (2, 3):
+            raise ValueError(
+                f"{self.id}: routing must be [layers, experts] or [slots, layers, experts], got shape "
+                f"{self.routing.shape}"
+            )
 
     @property
     def id(self) -> str:

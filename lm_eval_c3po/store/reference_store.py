@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 
 from lm_eval_c3po.store.columns import Columns
-from lm_eval_c3po.store.errors import StoreCorruptError, StoreMismatchError
+from lm_eval_c3po.store.errors import EmptyStoreError, StoreCorruptError, StoreMismatchError
 from lm_eval_c3po.store.manifest import (
     MANIFEST_FILE,
     ShardInfo,
     SourceCounts,
     StoreManifest,
     load_manifest,
+    slot_count,
     sum_sources,
 )
 from lm_eval_c3po.store.record import Record
@@ -102,8 +103,34 @@ class ReferenceStore:
 
     @property
     def routing(self) -> np.ndarray:
-        """Pathways, float32 [N, L, E] (read-only)."""
+        """Pathways, float32 [N, L, E] (read-only); [N, P, L, E] in a store built for :attr:`token_slots`."""
         return self._cols.routing
+
+    @property
+    def token_slots(self) -> list[str]:
+        """The token slots each row's routing was recorded at (``["last-0"]`` unless built with ``--tokens``)."""
+        return self.manifest.token_slots
+
+    def pathways(self, rows: np.ndarray, slots: Sequence[str], layers: Sequence[int]) -> np.ndarray:
+        """Stored pathways ``[*rows.shape, P * len(layers), E]`` at the token ``slots`` (slot-major rows).
+
+        Refused, naming the build option, when the store did not record a slot:
+        a method re-mixes a position only with the routing the references had there.
+        """
+        have = self.token_slots
+        missing = [slot for slot in slots if slot not in have]
+        if missing:
+            raise StoreMismatchError(
+                f"the reference store {self.path or '(in memory)'} holds routing at token slots {have}, but "
+                f"this run re-mixes {list(slots)} (missing {missing}): rebuild it with "
+                "`c3po build-reference ... --tokens SPEC`, SPEC covering the run's `tokens` (e.g. "
+                "first:3+middle:3+last:3 for every token ablation of the paper)"
+            )
+        routing = self._cols.routing[rows]
+        if slot_count(self.manifest) is None:
+            routing = routing[..., None, :, :]
+        picked = routing[..., [have.index(slot) for slot in slots], :, :][..., list(layers), :]
+        return picked.reshape(*picked.shape[:-3], picked.shape[-3] * picked.shape[-2], picked.shape[-1])
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -187,6 +214,31 @@ class ReferenceStore:
 
     # -- combining and saving ----------------------------------------------------------------------
 
+    def answered_correctly(self) -> ReferenceStore:
+        """The references the model answered correctly, the only ones C3PO re-mixes towards.
+
+        A store built with ``--keep acc`` (the default), ``acc_norm`` or ``any``
+        holds only those; from a ``--keep all`` store (or a merge without one
+        policy) the docs lm-eval's ``acc`` verdict calls wrong are dropped, as
+        the paper keeps references by the argmax log-likelihood. Returns
+        ``self`` when nothing is dropped; row numbers refer to the returned store.
+        """
+        policy = str(self.manifest.build.get("keep", "acc"))
+        correct = {"acc_norm": self.correct_norm, "any": self.correct | self.correct_norm}.get(policy, self.correct)
+        if correct.all():
+            return self
+        rows = np.flatnonzero(correct)
+        if not len(rows):
+            raise EmptyStoreError(
+                f"the reference store {self.path or '(in memory)'} holds no reference the model answered "
+                "correctly: build it with the model you evaluate (and --keep acc)"
+            )
+        starts = rows[np.r_[True, np.diff(rows) > 1]]
+        stops = rows[np.r_[np.diff(rows) > 1, True]] + 1
+        columns = Columns.concat([self._cols.slice(int(a), int(b)) for a, b in zip(starts, stops)], rows=len(rows))
+        manifest = replace(self.manifest, num_records=len(rows))
+        return ReferenceStore(manifest, columns, self.path)
+
     @classmethod
     def merge(cls, stores: Sequence[ReferenceStore]) -> ReferenceStore:
         """One in-memory store holding the rows of ``stores`` in order (same model and embedder required)."""
@@ -198,6 +250,11 @@ class ReferenceStore:
             where = f"store at {s.path}" if s.path else "in-memory store"
             check_model(s.model, first.model, where)
             check_embedder(s.embedder, first.embedder, where)
+            if s.token_slots != first.token_slots:
+                raise StoreMismatchError(
+                    f"{where} holds routing at token slots {s.token_slots}, the first store at "
+                    f"{first.token_slots}: merge stores built with the same --tokens"
+                )
             for task in s.sources:
                 if task in seen_tasks:
                     raise ValueError(
@@ -205,10 +262,13 @@ class ReferenceStore:
                         "merge stores of different tasks only"
                     )
                 seen_tasks[task] = s.path
+        build = {"merged_from": [{"path": str(s.path), "build": s.manifest.build} for s in stores]}
+        if "token_slots" in first.manifest.build:
+            build.update(tokens=first.manifest.build.get("tokens"), token_slots=first.token_slots)
         manifest = StoreManifest(
             model=first.model,
             embedder=first.embedder,
-            build={"merged_from": [{"path": str(s.path), "build": s.manifest.build} for s in stores]},
+            build=build,
             sources=sum_sources([s.sources for s in stores]),
             num_records=sum(len(s) for s in stores),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -228,7 +288,8 @@ class ReferenceStore:
 def _read_valid_shard(path: Path, info: ShardInfo, manifest: StoreManifest, verify: bool) -> Columns:
     part = read_shard(path, info, verify=verify)
     try:
-        part.validate(manifest.model.num_layers, manifest.model.num_experts, manifest.embedder.dim)
+        part.validate(manifest.model.num_layers, manifest.model.num_experts, manifest.embedder.dim,
+                      slot_count(manifest))
     except ValueError as err:
         shard = path / SHARD_DIR / f"{info.name}{TENSOR_SUFFIX}"
         raise StoreCorruptError(

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from lm_eval_c3po.store._fs import LOCK_FILE, DirLock, atomic_write, fsync_dir, swap_in, temp_files
-from lm_eval_c3po.store.columns import NORM_TOLERANCE, Columns
+from lm_eval_c3po.store.columns import NORM_TOLERANCE, Columns, routing_shape
 from lm_eval_c3po.store.crash_points import crash_point
 from lm_eval_c3po.store.errors import EmptyStoreError, StoreCorruptError, StoreExistsError
 from lm_eval_c3po.store.manifest import (
@@ -37,6 +37,7 @@ from lm_eval_c3po.store.manifest import (
     SourceCounts,
     StoreManifest,
     load_manifest,
+    slot_count,
     sum_sources,
 )
 from lm_eval_c3po.store.record import Record
@@ -243,9 +244,12 @@ class StoreWriter:
 
     def _check(self, record: Record) -> None:
         model, dim = self._base.model, self._base.embedder.dim
-        shape = (model.num_layers, model.num_experts)
+        shape = routing_shape(0, model.num_layers, model.num_experts, slot_count(self._base))[1:]
         if record.routing.shape != shape:
-            raise ValueError(f"{record.id}: routing has shape {record.routing.shape}, the model signature says {shape}")
+            raise ValueError(
+                f"{record.id}: routing has shape {record.routing.shape}, the model signature and token slots "
+                f"say {shape}"
+            )
         if record.embedding.shape != (dim,):
             raise ValueError(
                 f"{record.id}: embedding has {record.embedding.size} dims, the embedder signature says {dim}"
@@ -255,7 +259,7 @@ class StoreWriter:
             raise ValueError(f"{record.id}: routing contains NaN/inf")
         if r.min() < 0 or r.max() > 1:
             raise ValueError(f"{record.id}: routing scores must lie in [0, 1]; store router probabilities, not logits")
-        if model.routing_kind == "softmax" and np.abs(r.sum(axis=1) - 1).max() > 1e-3:
+        if model.routing_kind == "softmax" and np.abs(r.sum(axis=-1) - 1).max() > 1e-3:
             raise ValueError(
                 f"{record.id}: softmax routing rows must sum to 1; store the full distribution before top-k"
             )
@@ -265,7 +269,8 @@ class StoreWriter:
 
     def _flush(self) -> None:
         model = self._base.model
-        columns = Columns.from_records(self._buf_kept, model.num_layers, model.num_experts, self._base.embedder.dim)
+        columns = Columns.from_records(self._buf_kept, model.num_layers, model.num_experts, self._base.embedder.dim,
+                                       slot_count(self._base))
         sources = dict(sorted(self._buf_sources.items()))
         info = write_shard(self._work, shard_name(len(self._shards)), columns, self._buf_seen, sources)
         self._shards.append(info)
