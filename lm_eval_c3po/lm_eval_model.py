@@ -17,6 +17,8 @@ and changes two things:
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +28,8 @@ import torch
 from lm_eval.models.huggingface import HFLM, normalize_gen_kwargs
 
 from lm_eval_c3po import distributed
-from lm_eval_c3po.remix import METHODS, C3POConfig, Remixer
+from lm_eval_c3po.remix import ANY_TASK, METHODS, C3POConfig, C3POConfigError, Remixer
+from lm_eval_c3po.retrieve import Embedder
 from lm_eval_c3po.routing import RoutingController
 from lm_eval_c3po.score import PathwayOverride, Request, RoutingRecorder, RowPlan, causal_row
 
@@ -54,11 +57,65 @@ class C3POLM(HFLM):
         self.method = METHODS[self.c3po.method]
         self._hook: PathwayOverride | RoutingRecorder | None = None
         self._warned_rolling = False
-        self._remixer = Remixer.from_lm(self, self.c3po) if self.method.needs_reference else None
+        self._remixers = self._load_remixers() if self.method.needs_reference else {}
+        # One store for every task: always active. A task-to-store mapping: chosen per task (_by_store).
+        self._remixer: Remixer | None = self._remixers.get(ANY_TASK) if len(self._remixers) == 1 else None
+
+    def _load_remixers(self) -> dict[str, Remixer]:
+        """One Remixer per store entry of ``reference`` (every store loaded and checked up front)."""
+        embedder = Embedder(self.c3po.embedder, device=str(self.device))
+        return {task: Remixer.from_lm(self, dataclasses.replace(self.c3po, reference=paths), embedder)
+                for task, paths in self.c3po.stores_by_task().items()}
+
+    # -- one store per task ---------------------------------------------------
+
+    def _by_store(self, requests, run, disable_tqdm: bool):
+        """``run(requests, disable_tqdm)`` once per store, each on the requests of the tasks it serves."""
+        if len(self._remixers) < 2 and (not self._remixers or ANY_TASK in self._remixers):
+            return run(requests, disable_tqdm)
+        groups: dict[str, list[int]] = {}
+        unmapped = set()
+        for n, request in enumerate(requests):
+            pattern = self._store_for(request.task_name)
+            if pattern is None:
+                unmapped.add(request.task_name)
+            else:
+                groups.setdefault(pattern, []).append(n)
+        if unmapped:
+            raise C3POConfigError(
+                f"no reference store for task(s) {sorted(map(str, unmapped))}: reference= maps only "
+                f"{sorted(self._remixers)}; add an entry (TASK=DIR, a glob, or * for every other task)"
+            )
+        results = [None] * len(requests)
+        for pattern, members in groups.items():
+            with self._using(self._remixers[pattern]):
+                for n, result in zip(members, run([requests[n] for n in members], disable_tqdm)):
+                    results[n] = result
+        return results
+
+    def _store_for(self, task: str | None) -> str | None:
+        """The mapping entry serving ``task``: its exact name first, then the first glob that matches, then ``*``."""
+        if task in self._remixers:
+            return task
+        for pattern in self._remixers:
+            if task is not None and pattern != ANY_TASK and fnmatch.fnmatchcase(task, pattern):
+                return pattern
+        return ANY_TASK if ANY_TASK in self._remixers else None
+
+    @contextmanager
+    def _using(self, remixer: Remixer) -> Iterator[None]:
+        self._remixer = remixer
+        try:
+            yield
+        finally:
+            self._remixer = None
 
     # -- lm-eval entry points -------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._by_store(requests, self._loglikelihood, disable_tqdm)
+
+    def _loglikelihood(self, requests, disable_tqdm: bool):
         if self.method.rewrites_prompt:
             requests = self._remixer.with_demonstrations(requests)
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
@@ -74,6 +131,9 @@ class C3POLM(HFLM):
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._by_store(requests, self._generate_until, disable_tqdm)
+
+    def _generate_until(self, requests, disable_tqdm: bool):
         if self.method.rewrites_prompt:
             requests = self._remixer.with_demonstrations(requests)
         if self.method.pathway is None:
@@ -201,9 +261,9 @@ class C3POLM(HFLM):
         settings.pop("diagnostics")  # changes no number (remix_batch_size may: float sums in another order)
         identity = {"pretrained": str(self.pretrained), "revision": str(getattr(self, "revision", None)),
                     "c3po": json.dumps(settings, sort_keys=True)}
-        if self._remixer is not None:
-            manifest = self._remixer.store.manifest
-            identity["reference"] = json.dumps([s.to_dict() for s in manifest.shards], sort_keys=True)
+        if self._remixers:
+            identity["reference"] = json.dumps({task: [s.to_dict() for s in remixer.store.manifest.shards]
+                                                for task, remixer in self._remixers.items()}, sort_keys=True)
         return identity
 
     def get_model_info(self) -> dict:

@@ -8,7 +8,7 @@
 - :mod:`.oracle`, :mod:`.icl`: the analysis upper bound and the in-context baseline.
 """
 
-from lm_eval_c3po.remix.config import C3POConfig, C3POConfigError
+from lm_eval_c3po.remix.config import ANY_TASK, C3POConfig, C3POConfigError
 from lm_eval_c3po.remix.core_experts import check_pathway, core_expert_mask, free_mass, project_free, restrict_to_free
 from lm_eval_c3po.remix.kernel_regression import (
     ALPHA_GRID,
@@ -25,6 +25,7 @@ from lm_eval_c3po.remix.oracle import oracle_pathways
 from lm_eval_c3po.remix.remixer import Remixer
 
 __all__ = [
+    "ANY_TASK",
     "ALPHA_GRID",
     "METHODS",
     "SCHEDULES",

@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from lm_eval_c3po.remix.methods import METHODS, MODE_NEIGHBOURHOODS
 from lm_eval_c3po.remix.ngd import SCHEDULES
@@ -122,11 +125,36 @@ class C3POConfig:
         if self.core_experts is not None:
             _number("core_experts", self.core_experts, int, low=1)
         validate_token_spec(self.tokens)
+        if self.reference:
+            self.stores_by_task()  # a malformed mapping fails here, not mid-run
         if METHODS[self.method].needs_reference and not self.reference:
             raise C3POConfigError(
                 f"method={self.method} needs reference stores: add reference=DIR (several: DIR1+DIR2), "
                 "built with `c3po build-reference`"
             )
+
+    def stores_by_task(self) -> dict[str, tuple[str, ...]]:
+        """Which reference stores each lm-eval task retrieves from: ``{task name or glob: store paths}``.
+
+        ``reference=DIR`` (or ``DIR1+DIR2``, merged into one) serves every task
+        (key ``*``). ``reference=TASK=DIR+TASK2=DIR2`` or a YAML/JSON file
+        ``{task name or glob: DIR or [DIRs]}`` gives each task its own store, as
+        the paper pairs each benchmark with its Table 7 reference sets.
+        """
+        if len(self.reference) == 1 and Path(self.reference[0]).suffix in (".yaml", ".yml", ".json"):
+            return _read_store_map(Path(self.reference[0]))
+        pairs = [part.partition("=") for part in self.reference]
+        if not any(sep for _, sep, _ in pairs):
+            return {ANY_TASK: tuple(self.reference)}
+        if not all(sep and task and path for task, sep, path in pairs):
+            raise C3POConfigError(
+                f"reference={'+'.join(self.reference)} mixes task=store pairs with bare stores: give every store "
+                "its task (reference=TASK=DIR+TASK2=DIR2, globs allowed) or pass one mapping file"
+            )
+        mapping: dict[str, tuple[str, ...]] = {}
+        for task, _, path in pairs:
+            mapping[task.strip()] = mapping.get(task.strip(), ()) + (path.strip(),)
+        return mapping
 
     def resolved_for(self, routing: RoutingController) -> C3POConfig:
         """Check the options against the model's MoE shape and fill the model-dependent defaults."""
@@ -148,6 +176,26 @@ class C3POConfig:
         out["reference"] = list(self.reference)
         out["layer_ids"] = list(self.layer_ids)
         return out
+
+
+ANY_TASK = "*"
+
+
+def _read_store_map(path: Path) -> dict[str, tuple[str, ...]]:
+    """``{task or glob: store paths}`` from a YAML/JSON file; relative store paths are from the file's folder."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise C3POConfigError(f"reference={path}: cannot read the task-to-store mapping ({err})") from None
+    if not isinstance(data, dict) or not data or not all(
+        isinstance(k, str) and (isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v)))
+        for k, v in data.items()
+    ):
+        raise C3POConfigError(
+            f"reference={path} must map lm-eval task names (or globs such as c3po_mmlu_*) to a store directory "
+            "or a list of them, e.g. `c3po_arc_challenge: refs/arc`"
+        )
+    return {task: tuple(str(path.parent / p) for p in ([v] if isinstance(v, str) else v)) for task, v in data.items()}
 
 
 def _split_plus(value: Any) -> tuple[str, ...]:

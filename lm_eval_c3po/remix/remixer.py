@@ -77,8 +77,9 @@ class Remixer:
         self._references: torch.Tensor | None = None
 
     @classmethod
-    def from_lm(cls, lm, config: C3POConfig) -> Remixer:
-        embedder = Embedder(config.embedder, device=str(lm.device))
+    def from_lm(cls, lm, config: C3POConfig, embedder: Embedder | None = None) -> Remixer:
+        """A Remixer over the stores ``config.reference`` (merged), checked against ``lm`` and the embedder."""
+        embedder = embedder if embedder is not None else Embedder(config.embedder, device=str(lm.device))
         expect = lm_signature(lm)
         stores = [ReferenceStore.load(path, expect=expect, embedder=embedder.signature) for path in config.reference]
         store = (stores[0] if len(stores) == 1 else ReferenceStore.merge(stores)).answered_correctly()
