@@ -6,9 +6,10 @@ Loads the model as ``--model c3po`` (method=base, i.e. ``--model hf``'s
 numbers), scores a seeded sample of the reference tasks' docs (the paper's
 Table 7 sizes unless told otherwise, see :mod:`reference_builders.sampling`),
 keeps the ones it answers right (``--keep``), and writes their pathways and
-question embeddings to ``--out``. Malformed docs are skipped and counted. Rerunning an interrupted command resumes it. Launched on several
-processes (``accelerate launch --multi_gpu --num_processes N -m
-lm_eval_c3po.cli build-reference ...`` or ``torchrun --nproc_per_node N``),
+question embeddings to ``--out``. Malformed docs are skipped and counted.
+Rerunning an interrupted command resumes it. Launched on several processes
+(``accelerate launch --multi_gpu --num_processes N -m lm_eval_c3po.cli
+build-reference ...`` or ``torchrun --nproc_per_node N``),
 the processes share the docs and rank 0 merges their parts into the same
 store (see :mod:`reference_builders.distributed`).
 """
