@@ -3,11 +3,13 @@
     c3po build-reference --model allenai/OLMoE-1B-7B-0125 --preset arc --out refs/arc
 
 Loads the model as ``--model c3po`` (method=base, i.e. ``--model hf``'s
-numbers), scores every doc of the reference tasks, keeps the ones it answers
-right (``--keep``), and writes their pathways and question embeddings to
-``--out``. Rerunning an interrupted command resumes it. Launched on several
-processes (``accelerate launch --multi_gpu --num_processes N -m
-lm_eval_c3po.cli build-reference ...`` or ``torchrun --nproc_per_node N``),
+numbers), scores a seeded sample of the reference tasks' docs (the paper's
+Table 7 sizes unless told otherwise, see :mod:`reference_builders.sampling`),
+keeps the ones it answers right (``--keep``), and writes their pathways and
+question embeddings to ``--out``. Malformed docs are skipped and counted.
+Rerunning an interrupted command resumes it. Launched on several processes
+(``accelerate launch --multi_gpu --num_processes N -m lm_eval_c3po.cli
+build-reference ...`` or ``torchrun --nproc_per_node N``),
 the processes share the docs and rank 0 merges their parts into the same
 store (see :mod:`reference_builders.distributed`).
 """
@@ -24,7 +26,7 @@ from lm_eval_c3po.retrieve import DEFAULT_EMBEDDER
 from lm_eval_c3po.routing import DEFAULT_TOKENS
 from lm_eval_c3po.store import KEEP_POLICIES
 from reference_builders.errors import BuildError
-from reference_builders.presets import PRESETS
+from reference_builders.presets import PRESETS, TABLE7_SIZES
 
 if TYPE_CHECKING:  # the heavy modules load only when a build runs, so --help stays instant
     from lm_eval_c3po.store import StoreManifest
@@ -33,6 +35,8 @@ if TYPE_CHECKING:  # the heavy modules load only when a build runs, so --help st
 
 # lm-eval's default few-shot sampler seed (lm_eval.defaults.DEFAULT_OTHER_SEED), so prompts match `lm_eval`.
 DEFAULT_FEWSHOT_SEED = 1234
+# Seed of the doc sample (any fixed number would do; the manifest records it).
+DEFAULT_SAMPLE_SEED = 1234
 # model_args keys that have their own option here.
 _OWN_OPTIONS = {"pretrained": "--model", "device": "--device", "batch_size": "--batch_size", "method": None}
 
@@ -70,7 +74,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--include_path", action="extend", nargs="+", default=[], metavar="DIR",
         help="extra folders of task YAMLs (this package's task_configs/ is included when present)",
     )
-    data.add_argument("--limit", type=float, default=None, help="docs per task (as lm-eval: < 1 is a fraction)")
+    data.add_argument(
+        "--sample-size", "--sample_size", dest="sample_size", action="append", default=[], metavar="SOURCE=N",
+        help="docs to sample from a reference source (task or group; Table 7 names may drop the c3po_ref_ prefix); "
+        "N or 'all'; repeatable. Default: the paper's Table 7 sizes ("
+        + ", ".join(f"{s.removeprefix('c3po_ref_')} {n}" for s, n in TABLE7_SIZES.items())
+        + "), split over a source's tasks in proportion to their size; other tasks: every doc",
+    )
+    data.add_argument(
+        "--all-docs", "--all_docs", dest="all_docs", action="store_true",
+        help="harvest every doc of every task instead of the Table 7 samples",
+    )
+    data.add_argument(
+        "--sample-seed", "--sample_seed", dest="sample_seed", type=int, default=DEFAULT_SAMPLE_SEED,
+        help=f"seed of the doc sample (default {DEFAULT_SAMPLE_SEED}); the same seed gives the same docs everywhere",
+    )
+    data.add_argument(
+        "--limit", type=float, default=None,
+        help="instead of a sample: the first N docs of each task (as lm-eval's --limit: < 1 is a fraction); for quick checks",
+    )
     data.add_argument(
         "--seed", type=int, default=DEFAULT_FEWSHOT_SEED,
         help=f"few-shot sampling seed, for tasks with num_fewshot > 0 (default {DEFAULT_FEWSHOT_SEED}, lm-eval's)",
@@ -118,6 +140,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise BuildError(f"--tokens: {err}") from None
     if args.limit is not None and args.limit <= 0:
         raise BuildError(f"--limit must be > 0 (a doc count, or a fraction below 1), got {args.limit}")
+    if args.limit is not None and (args.sample_size or args.all_docs):
+        raise BuildError("--limit takes the first N docs of each task instead of a sample: drop --sample-size/--all-docs")
 
 
 def _default_device() -> str:
@@ -137,17 +161,22 @@ def build(args: argparse.Namespace) -> int:
     from reference_builders.distributed import build_in_parts, check_parts, join
     from reference_builders.harvest import Harvester
     from reference_builders.presets import requested_tasks
-    from reference_builders.tasks import doc_requests, include_paths, load_tasks
+    from reference_builders.tasks import include_paths, load_tasks
 
     names = requested_tasks(args.tasks, args.preset)
     model_args = _model_args(args.model_args)
     _check_options(args)
     launch = join()
     check_parts(Path(args.out), launch.world)
-    tasks = load_tasks(names, include_paths(args.include_path), {"pretrained": args.model, **model_args}, args.seed)
-    stream = [doc for name, task in tasks.items() for doc in doc_requests(name, task, args.limit)]
+    tasks, group_map = load_tasks(names, include_paths(args.include_path), {"pretrained": args.model, **model_args},
+                                  args.seed)
+    sample, stream = _sample(args, tasks, group_map)
+    if launch.rank == 0:
+        _report_sample(sample)
     if not stream:
-        raise BuildError(f"the tasks {', '.join(tasks)} have no docs to score (check --limit and the task's split)")
+        raise BuildError(
+            f"the tasks {', '.join(tasks)} have no docs to score (check --limit / --sample-size and the task's split)"
+        )
 
     device = args.device or _default_device()
     lm = C3POLM(pretrained=args.model, method="base", device=device, batch_size=args.batch_size, **model_args)
@@ -159,6 +188,7 @@ def build(args: argparse.Namespace) -> int:
             "requested": names,
             "tasks": list(tasks),
             "limit": args.limit,
+            "sample": sample,
             "fewshot_seed": args.seed,
             "dtype": str(lm.model.dtype).removeprefix("torch."),
             "batch_size": args.batch_size,
@@ -176,6 +206,41 @@ def build(args: argparse.Namespace) -> int:
     if manifest is not None:
         _report(Path(args.out), manifest, launch.world)
     return 0
+
+
+def _sample(args: argparse.Namespace, tasks: dict, group_map: dict[str, list[str]]) -> tuple[dict, list[DocRequests]]:
+    """The manifest's record of the sample (seed, sizes asked and taken per source and task, malformed
+    docs) and the docs to harvest, in task order then doc order: the same on every rank and rerun."""
+    from lm_eval.evaluator_utils import get_sample_size
+
+    from reference_builders.presets import sample_sizes
+    from reference_builders.sampling import plan_sample
+    from reference_builders.tasks import doc_problem, doc_requests
+
+    docs = {name: task.eval_docs for name, task in tasks.items()}
+    sizes = sample_sizes(args.sample_size, args.all_docs, set(tasks) | set(group_map))
+    first = {name: get_sample_size(task, args.limit) for name, task in tasks.items()} if args.limit else None
+    plan = plan_sample(
+        {name: len(d) for name, d in docs.items()}, group_map, sizes, args.sample_seed,
+        lambda task, i: doc_problem(tasks[task], docs[task][i]), first=first,
+    )
+    mode = "limit" if first is not None else "all-docs" if args.all_docs and not args.sample_size else "sample"
+    record = {"seed": args.sample_seed, "mode": mode, "sources": {s: d.to_dict() for s, d in plan.items()}}
+    ids = {task: draw.ids for source in plan.values() for task, draw in source.tasks.items()}
+    stream = [doc for name, task in tasks.items() for doc in doc_requests(name, task, ids[name])]
+    return record, stream
+
+
+def _report_sample(sample: dict) -> None:
+    """One line per source: docs asked, taken and skipped as malformed (with the first reasons)."""
+    print(f"reference docs ({sample['mode']}, seed {sample['seed']}):", file=sys.stderr)
+    for source, s in sample["sources"].items():
+        asked = "all" if s["asked"] is None else s["asked"]
+        print(f"  {source}: {s['taken']} of {s['docs']} docs (asked {asked}), {s['malformed']} malformed skipped",
+              file=sys.stderr)
+        for task, t in s["tasks"].items():
+            for doc_id, why in t.get("malformed_examples", {}).items():
+                print(f"    skipped {task}/{doc_id}: {why}", file=sys.stderr)
 
 
 def _build_here(

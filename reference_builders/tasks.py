@@ -11,7 +11,6 @@ adds are not needed for ``acc`` / ``acc_norm``.
 from __future__ import annotations
 
 import difflib
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,6 @@ from typing import Any
 
 from reference_builders.errors import BuildError
 from reference_builders.scoring import gold_index
-
-logger = logging.getLogger(__name__)
-
-# The package's own task YAMLs sit next to this package in a source checkout / editable install.
-PACKAGE_TASK_CONFIGS = Path(__file__).resolve().parent.parent / "task_configs"
 
 
 @dataclass(frozen=True)
@@ -53,16 +47,18 @@ class DocRequests:
 
 
 def include_paths(extra: Sequence[str]) -> list[str]:
-    """``task_configs/`` of this package (when present) followed by the user's ``--include_path`` folders.
+    """This package's task YAMLs (installed or in the checkout) followed by the user's ``--include_path`` folders.
 
     Later folders override earlier ones, as in lm-eval, so a user's YAML of the
     same name wins over the packaged one.
     """
+    from lm_eval_c3po._autoregister import task_configs_dir
+
     for path in extra:
         if not Path(path).is_dir():
             raise BuildError(f"--include_path {path} is not a directory")
-    packaged = [str(PACKAGE_TASK_CONFIGS)] if PACKAGE_TASK_CONFIGS.is_dir() else []
-    return packaged + [str(p) for p in extra]
+    packaged = task_configs_dir()
+    return ([str(packaged)] if packaged is not None else []) + [str(p) for p in extra]
 
 
 def _unknown(names: Sequence[str], manager) -> list[str]:
@@ -97,17 +93,20 @@ def task_manager(names: Sequence[str], paths: Sequence[str], metadata: dict[str,
     return manager
 
 
-def load_tasks(names: Sequence[str], paths: Sequence[str], metadata: dict[str, Any], fewshot_seed: int) -> dict:
-    """The leaf tasks of ``names`` (groups expanded), ``{task_name: Task}`` in lm-eval's order.
+def load_tasks(
+    names: Sequence[str], paths: Sequence[str], metadata: dict[str, Any], fewshot_seed: int
+) -> tuple[dict, dict[str, list[str]]]:
+    """The leaf tasks of ``names`` (groups expanded), ``{task_name: Task}`` in lm-eval's order, and lm-eval's group map.
 
     Applies what ``lm_eval.simple_evaluate`` applies before building requests:
     ``num_fewshot`` 0 where the YAML sets none, and the few-shot seed.
     """
     manager = task_manager(names, paths, metadata)
     try:
-        tasks = manager.load(list(names))["tasks"]
+        loaded = manager.load(list(names))
     except (KeyError, ValueError) as err:
         raise BuildError(f"lm-eval could not load {', '.join(names)}: {err}") from None
+    tasks = loaded["tasks"]
     for name, task in tasks.items():
         if task.OUTPUT_TYPE != "multiple_choice":
             raise BuildError(
@@ -117,31 +116,56 @@ def load_tasks(names: Sequence[str], paths: Sequence[str], metadata: dict[str, A
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=fewshot_seed)
-    return tasks
+    return tasks, {group: list(members) for group, members in loaded["group_map"].items()}
 
 
-def doc_requests(name: str, task, limit: float | None) -> list[DocRequests]:
-    """The docs of ``task`` (the first ``limit``, read as lm-eval's ``--limit``), in doc order."""
-    from lm_eval.evaluator_utils import get_sample_size
+def doc_problem(task, doc: dict) -> str | None:
+    """Why ``doc`` cannot be a reference of ``task`` (None when it can).
 
-    task.build_all_requests(limit=get_sample_size(task, limit))
+    A doc whose prompt, choices or gold cannot be rendered (a missing field, a label the task's
+    functions reject), or whose gold is not one of its choices, is skipped by the builder and
+    counted in the manifest instead of aborting the build (lm-eval itself would raise, or score
+    it 0). A task whose YAML cannot give one gold per doc is an error of the task, not of a doc.
+    """
+    try:
+        task.doc_to_text(doc)
+        raw = task.doc_to_choice(doc)
+        if not raw or any(c is None for c in raw):
+            return f"no usable choices: {raw!r}"
+        if len(raw) < 2:
+            return f"one choice only: {raw!r}"
+        gold = gold_index(task, doc, [str(c) for c in raw])
+    except BuildError:
+        raise
+    except Exception as err:  # noqa: BLE001  (whatever a task's own functions raise on a bad row)
+        return f"{type(err).__name__}: {err}"
+    return None if gold is not None else "its gold answer is not among its choices"
+
+
+def doc_requests(name: str, task, ids: Sequence[int]) -> list[DocRequests]:
+    """The docs ``ids`` of ``task`` (checked with :func:`doc_problem`), in doc order, with lm-eval's requests.
+
+    lm-eval builds the requests (``build_all_requests``) over exactly these docs, keeping their
+    indices as doc ids: its own ``samples=`` option renumbers them from 0, so the task's doc
+    iterator is swapped for the call instead.
+    """
+    if not ids:
+        return []
+    docs = task.eval_docs
+    task.doc_iterator = lambda **_: iter([(i, docs[i]) for i in ids])
+    try:
+        task.build_all_requests()
+    finally:
+        del task.doc_iterator  # back to the class's own
     by_doc: dict[int, list] = {}
     for inst in task.instances:
         by_doc.setdefault(inst.doc_id, []).append(inst)
-    docs, skipped = [], []
+    out = []
     for doc_id, instances in sorted(by_doc.items()):
         doc = instances[0].doc
         choices = tuple(str(c) for c in task.doc_to_choice(doc))
         instances = sorted(instances, key=lambda inst: inst.idx)[: len(choices)]
         gold = gold_index(task, doc, choices)
-        if gold is None:
-            skipped.append(doc_id)
-            continue
         arguments = tuple((str(inst.arguments[0]), str(inst.arguments[1])) for inst in instances)
-        docs.append(DocRequests(name, int(doc_id), arguments, choices, gold))
-    if skipped:
-        logger.warning(
-            "%s: skipped %d doc(s) whose gold label is not among their choices (lm-eval scores them 0): doc ids %s",
-            name, len(skipped), skipped[:10],
-        )
-    return docs
+        out.append(DocRequests(name, int(doc_id), arguments, choices, gold))
+    return out

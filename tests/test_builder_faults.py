@@ -10,6 +10,7 @@ and over, each rerun resuming what the last one left.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
@@ -127,3 +128,22 @@ def test_build_reference_killed_at_seeded_random_steps_resumes_to_the_same_store
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert builder_processes(argv(out), 0) == 0  # rerunning a finished build is a no-op
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_a_sampled_build_killed_midway_resumes_the_same_sample(builder_processes, tiny_model_dir, tiny_task_dir,
+                                                               tmp_path):
+    """A real sample (5 of tiny_mc's 8 docs, seed 3): a killed build, rerun, ends with the uninterrupted store."""
+    def argv(out: Path) -> list[str]:
+        return ["build-reference", "--model", str(tiny_model_dir), "--model_args", "dtype=float32", "--device", "cpu",
+                "--batch_size", "8", "--tasks", "tiny_mc", "--include_path", str(tiny_task_dir), "--sample-size",
+                "tiny_mc=5", "--sample-seed", "3", "--shard_size", "2", "--out", str(out)]
+
+    reference, steps_file, out = tmp_path / "reference", tmp_path / "steps", tmp_path / "resumed"
+    assert builder_processes(argv(reference), 0, steps_file) == 0
+    steps = int(steps_file.read_text())
+    assert builder_processes(argv(out), steps // 2) == KILLED
+    assert builder_processes(argv(out), 0) == 0
+    assert store_files(out) == store_files(reference)
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["build"]["sample"]["sources"]["tiny_mc"]["taken"] == 5
+    assert manifest["sources"]["tiny_mc"]["seen"] == 5

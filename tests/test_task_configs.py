@@ -42,6 +42,10 @@ PAIRS = [
     ("c3po_ref_social_iqa", "siqa/siqa.yaml", "social_iqa.jsonl"),
     ("c3po_ref_boolq", "super_glue/boolq/default.yaml", "boolq.jsonl"),
     ("c3po_ref_copa", "super_glue/copa/default.yaml", "copa.jsonl"),
+    ("c3po_ref_cb", "super_glue/cb/default.yaml", "cb.jsonl"),
+    ("c3po_ref_rte", "super_glue/rte/default.yaml", "rte.jsonl"),
+    ("c3po_ref_wic", "super_glue/wic/default.yaml", "wic.jsonl"),
+    ("c3po_ref_wsc", "super_glue/wsc/default.yaml", "wsc.jsonl"),
     (
         "c3po_ref_bigbench_general_knowledge",
         "bigbench/multiple_choice/general_knowledge.yaml",
@@ -160,6 +164,8 @@ def test_mmlu_subjects_are_lm_evals(repo_tm):
 # Keys where a reference set may differ from its built-in: the harvest split, decontamination
 # (not used for harvesting), and cb's extra f1 metric.
 REF_FREE_KEYS = {"test_split", "should_decontaminate", "doc_to_decontamination_query", "metadata", "metric_list"}
+# Deliberate differences (README, "Task configs"): BIG-Bench reference docs must have one right choice.
+REF_OWN_KEYS = {"c3po_ref_bigbench_general_knowledge": {"process_docs": "bigbench_ref.single_gold_docs"}}
 
 
 @pytest.mark.parametrize("ours,builtin,_data", PAIRS, ids=[p[0] for p in PAIRS])
@@ -173,6 +179,8 @@ def test_config_fields_match_builtin(repo_tm, ours, builtin, _data):
         assert mine["test_split"] == "train"
         assert "acc" in mine["metric_list"]
         assert set(mine["metric_list"]) <= set(theirs["metric_list"])
+        for key, value in REF_OWN_KEYS.get(ours, {}).items():
+            assert mine.pop(key) == value and theirs.pop(key) != value
         for cfg in (mine, theirs):
             for key in REF_FREE_KEYS:
                 cfg.pop(key, None)
@@ -236,10 +244,12 @@ def test_local_fixtures_do_not_depend_on_cwd(local_tm, tmp_path, monkeypatch):
         ["c3po_ref_arc", "c3po_ref_commonsense", "c3po_ref_winogrande", "c3po_ref_mmlu"]
     )
     sizes = {name: len(task.eval_docs) for name, task in loaded["tasks"].items()}
-    # bigbench: one of its 6 rows has no choices and is dropped by lm-eval's own filter.
+    # bigbench: one of its 6 rows has no choices and is dropped by lm-eval's own filter; multirc: 8
+    # answer candidates of 3 questions, one kept per question; knowref: 6 good rows and 2 malformed.
     assert sizes == {
         "c3po_ref_openbookqa": 6, "c3po_ref_sciq": 6, "c3po_ref_commonsense_qa": 6,
-        "c3po_ref_social_iqa": 6, "c3po_ref_knowref": 6, "c3po_ref_boolq": 6, "c3po_ref_copa": 6,
+        "c3po_ref_social_iqa": 6, "c3po_ref_knowref": 8, "c3po_ref_boolq": 6, "c3po_ref_copa": 6,
+        "c3po_ref_cb": 6, "c3po_ref_multirc": 3, "c3po_ref_rte": 6, "c3po_ref_wic": 6, "c3po_ref_wsc": 6,
         "c3po_ref_bigbench_general_knowledge": 5,
     }
 

@@ -31,7 +31,7 @@ from lm_eval_c3po.remix.oracle import oracle_pathways
 from lm_eval_c3po.retrieve import Embedder, Neighbours, Retriever, as_kernel_spec
 from lm_eval_c3po.routing import RoutingController, input_device, own_pathways, token_slots
 from lm_eval_c3po.score import ChoiceLoss, Example, PrefixCache, TrieScorer, choice_loss, fast_path_applies
-from lm_eval_c3po.store import ReferenceStore, lm_signature
+from lm_eval_c3po.store import ReferenceStore, lm_signature, resolve_store
 
 
 @dataclasses.dataclass
@@ -81,7 +81,8 @@ class Remixer:
         """A Remixer over the stores ``config.reference`` (merged), checked against ``lm`` and the embedder."""
         embedder = embedder if embedder is not None else Embedder(config.embedder, device=str(lm.device))
         expect = lm_signature(lm)
-        stores = [ReferenceStore.load(path, expect=expect, embedder=embedder.signature) for path in config.reference]
+        stores = [ReferenceStore.load(resolve_store(spec), expect=expect, embedder=embedder.signature)
+                  for spec in config.reference]
         store = (stores[0] if len(stores) == 1 else ReferenceStore.merge(stores)).answered_correctly()
         return cls(lm.model, lm.tokenizer, lm.routing, store, embedder, config, lm.max_length,
                    getattr(lm, "softmax_dtype", None))

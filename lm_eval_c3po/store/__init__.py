@@ -1,6 +1,7 @@
 """The reference store: correct pathways of a model on reference questions, with k-NN search.
 
-Write with ``StoreWriter`` (sharded, atomic, resumable), read with
+Resolve a store reference (a path, or a Hub dataset ``org/name[@revision]``) with
+``resolve_store``, share one with ``push_store``. Write with ``StoreWriter`` (sharded, atomic, resumable), read with
 ``ReferenceStore.load`` (validated against the model and embedder), search
 with ``ReferenceStore.knn`` / ``within``. The format is described in the README, "Reference stores".
 """
@@ -13,8 +14,10 @@ from lm_eval_c3po.store.errors import (
     StoreIncompleteError,
     StoreLockedError,
     StoreMismatchError,
+    StoreNotFoundError,
 )
 from lm_eval_c3po.store.identity import lm_signature, model_signature
+from lm_eval_c3po.store.hub import push_store, resolve_store
 from lm_eval_c3po.store.manifest import FORMAT_VERSION, SourceCounts, StoreManifest
 from lm_eval_c3po.store.record import Record
 from lm_eval_c3po.store.reference_store import ReferenceStore
@@ -44,9 +47,12 @@ __all__ = [
     "StoreLockedError",
     "StoreManifest",
     "StoreMismatchError",
+    "StoreNotFoundError",
     "StoreWriter",
     "config_fingerprint",
     "lm_signature",
     "model_signature",
+    "push_store",
+    "resolve_store",
     "tokenizer_fingerprint",
 ]

@@ -33,3 +33,7 @@ class StoreLockedError(StoreError):
 
 class EmptyStoreError(StoreError):
     """A build kept no records, so there is no store to write."""
+
+
+class StoreNotFoundError(StoreError):
+    """A store reference names neither a local directory nor a fetchable Hub dataset repo."""

@@ -15,13 +15,16 @@ from typing import Any
 import numpy as np
 
 from lm_eval_c3po.store.errors import StoreError
+from lm_eval_c3po.store.hub import resolve_store
 from lm_eval_c3po.store.manifest import MANIFEST_FILE, SourceCounts, sum_sources
 from lm_eval_c3po.store.reference_store import ReferenceStore
 from lm_eval_c3po.store.writer import read_progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", type=Path, metavar="DIR", help="reference store directory")
+    parser.add_argument(
+        "store", metavar="STORE", help="reference store: a directory, or a Hub dataset org/name[@revision]"
+    )
     parser.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
     parser.add_argument(
         "--top", type=int, default=5, metavar="N", help="most used experts listed per layer (default 5)"
@@ -87,6 +90,26 @@ def _sources_table(sources: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _sample_table(sample: dict[str, Any]) -> list[str]:
+    """The builder's doc sample (``build.sample``): per source and task, docs available, asked, taken, malformed."""
+    rows = []
+    for source, src in sample.get("sources", {}).items():
+        rows.append((source, src))
+        if len(src.get("tasks", {})) > 1 or source not in src.get("tasks", {}):
+            rows += [(f"  {task}", t) for task, t in src.get("tasks", {}).items()]
+    width = max([len("reference source"), *(len(name) for name, _ in rows)])
+    lines = [f"  docs sampled ({sample.get('mode')}, seed {sample.get('seed')})",
+             f"  {'reference source':<{width}}  {'docs':>7}  {'asked':>7}  {'taken':>7}  {'malformed':>9}"]
+    for name, r in rows:
+        asked = "all" if r.get("asked") is None else r["asked"]
+        lines.append(f"  {name:<{width}}  {r['docs']:>7}  {asked:>7}  {r['taken']:>7}  {r['malformed']:>9}")
+    for source, src in sample.get("sources", {}).items():
+        for task, t in src.get("tasks", {}).items():
+            for doc_id, why in t.get("malformed_examples", {}).items():
+                lines.append(f"  malformed {task}/{doc_id}: {why}")
+    return lines
+
+
 def _render(s: dict[str, Any]) -> str:
     if s["status"] == "incomplete":
         model, embedder, build = s["settings"]["model"], s["settings"]["embedder"], s["settings"]["build"]
@@ -104,10 +127,12 @@ def _render(s: dict[str, Any]) -> str:
         f"            config {model['config_fingerprint']}, tokenizer {model['tokenizer_fingerprint']}, "
         f"MoE layers {model['moe_layers']}",
         f"  embedder  {embedder['name']} ({embedder['dim']}-d)",
-        f"  build     {json.dumps(build, sort_keys=True)}",
+        f"  build     {json.dumps({k: v for k, v in build.items() if k != 'sample'}, sort_keys=True)}",
     ]
     if s["status"] == "complete":
         lines.append(f"  records   {s['num_records']} in {len(s['shards'])} shards")
+    if isinstance(build.get("sample"), dict):
+        lines += ["", *_sample_table(build["sample"])]
     lines += ["", *_sources_table(s["sources"])]
     if s["status"] == "complete":
         lines += ["", f"  expert usage (top-{model['top_k']} at the stored token; share of records)"]
@@ -120,7 +145,7 @@ def _render(s: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        summary = _summary(args.store, args.top)
+        summary = _summary(resolve_store(args.store), args.top)
     except StoreError as err:
         print(f"c3po inspect: {err}", file=sys.stderr)
         return 1

@@ -29,6 +29,11 @@ _DETOK = [
 ]
 
 
+# ``correct_candidate`` as the dataset writes it. Anything else is a malformed row: the reference
+# builder skips and counts it rather than guess.
+_GOLD = {"candidate_0": 0, "candidate_1": 1}
+
+
 def _detokenize(text: str) -> str:
     for pattern, repl in _DETOK:
         text = pattern.sub(repl, text)
@@ -36,7 +41,10 @@ def _detokenize(text: str) -> str:
 
 
 def _sentence_and_pronoun(doc: dict) -> tuple[str, str]:
-    words = doc["swapped_sentence"].split(" ")
+    sentence = doc.get("swapped_sentence")
+    if not isinstance(sentence, str):
+        raise ValueError(f"KnowRef row has no swapped_sentence: {sentence!r}")
+    words = sentence.split(" ")
     marked = [i for i, w in enumerate(words) if len(w) > 2 and w[0] == "[" and w[-1] == "]"]
     if len(marked) != 1:
         raise ValueError(f"KnowRef row needs exactly one [pronoun]: {doc['swapped_sentence']!r}")
@@ -46,7 +54,13 @@ def _sentence_and_pronoun(doc: dict) -> tuple[str, str]:
 
 
 def _candidates(doc: dict) -> list[str]:
-    return [doc.get(f"candidate{i}", doc.get(f"candidate_{i}")) for i in (0, 1)]
+    out = []
+    for i in (0, 1):
+        name = doc.get(f"candidate{i}", doc.get(f"candidate_{i}"))
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"KnowRef row has no candidate_{i} (or candidate{i}) name: {name!r}")
+        out.append(name)
+    return out
 
 
 def doc_to_text(doc: dict) -> str:
@@ -59,4 +73,7 @@ def doc_to_choice(doc: dict) -> list[str]:
 
 
 def doc_to_target(doc: dict) -> int:
-    return {"candidate_0": 0, "candidate_1": 1}[doc["correct_candidate"]]
+    gold = doc.get("correct_candidate")
+    if gold not in _GOLD:
+        raise ValueError(f"KnowRef row's correct_candidate must be 'candidate_0' or 'candidate_1', got {gold!r}")
+    return _GOLD[gold]
