@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lm_eval_c3po.store.inspect_cli", "summarise a reference store (a directory or a Hub dataset)"),
     "push-reference": ("lm_eval_c3po.store.push_cli", "upload a finished reference store to the Hugging Face Hub"),
     "demo": ("lm_eval_c3po.demo.cli", "run the offline planted-pathway benchmark end to end"),
+    "oracle": ("lm_eval_c3po.oracle_eval", "the oracle upper bound on lm-eval tasks, written as lm-eval results"),
     "report": ("lm_eval_c3po.report.cli", "leaderboard tables and routing plots from lm-eval results"),
 }
 

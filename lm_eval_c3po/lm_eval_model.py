@@ -45,9 +45,16 @@ class CacheSettingsError(ValueError):
 class C3POLM(HFLM):
     """HFLM with C3PO test-time expert re-mixing (see ``C3POConfig`` for the model_args)."""
 
+    reads_gold = False  # only the oracle's evaluator (c3po oracle) hands a model the answers
+
     def __init__(self, pretrained, **kwargs) -> None:
         c3po_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in C3POConfig.field_names()}
         self.c3po = C3POConfig.from_model_args(c3po_kwargs)
+        if METHODS[self.c3po.method].needs_gold and not self.reads_gold:
+            raise C3POConfigError(
+                f"method={self.c3po.method} reads each doc's gold answer, which lm-eval never gives a model: run "
+                "`c3po oracle --model ... --tasks ...` (it writes lm-eval results marked as an upper bound)"
+            )
         distributed.request_cpu_process_group()  # data-parallel on CPU processes; GPUs stay HFLM's
         super().__init__(pretrained=pretrained, **kwargs)
         distributed.join_cpu_processes(self)

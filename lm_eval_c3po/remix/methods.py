@@ -75,6 +75,7 @@ class Method:
     pathway: Callable[[Problem], Solution] | None = None
     rewrites_prompt: bool = False
     needs_reference: bool = True
+    needs_gold: bool = False  # an analysis bound that reads each doc's answer (only through `c3po oracle`)
 
 
 def descend(omega0: Tensor, free: Tensor, loss: Callable[[Tensor], Tensor], options: MethodOptions,
@@ -122,5 +123,6 @@ METHODS: dict[str, Method] = {
         Method("kernel_regression", _kernel_regression),
         Method("ngd", _ngd),
         Method("icl", rewrites_prompt=True),
+        Method("oracle", needs_reference=False, needs_gold=True),
     )
 }
