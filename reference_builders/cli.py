@@ -126,7 +126,9 @@ def _embedder_options(args: argparse.Namespace):
         if text is None:
             continue
         if f"{side}_prompt" in values:
-            raise BuildError(f"give the {side} prompt once: --embedder_{side}_prompt or {side}_prompt= in --embedder_args")
+            raise BuildError(
+                f"give the {side} prompt once: --embedder_{side}_prompt or {side}_prompt= in --embedder_args"
+            )
         values[f"{side}_prompt"] = text
     try:
         return EmbedderOptions.from_args(values)

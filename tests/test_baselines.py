@@ -225,7 +225,8 @@ def test_hflm_peft_scores_the_adapter_as_the_adapted_model_does(method, tiny_mod
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    peft_model = make_peft_model(_fresh_model(tiny_model_dir), TrainSettings(method=method, num_virtual_tokens=4, seed=3))
+    settings = TrainSettings(method=method, num_virtual_tokens=4, seed=3)
+    peft_model = make_peft_model(_fresh_model(tiny_model_dir), settings)
     save_adapter(peft_model, tmp_path / method, {})
     context, continuation = "Question: Where does the sun rise?\nAnswer:", " east"
     request = Instance("loglikelihood", {}, (context, continuation), 0)

@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     presets = ", ".join(f"{name} -> {group}" for name, group in PRESETS.items())
     parser.epilog = (
         "examples:\n"
-        "  c3po train-baseline --model allenai/OLMoE-1B-7B-0125 --method prefix --preset arc --out adapters/arc-prefix\n"
+        "  c3po train-baseline --model allenai/OLMoE-1B-7B-0125 --method prefix --preset arc \\\n"
+        "      --out adapters/arc-prefix\n"
         "  lm_eval --model hf --model_args pretrained=allenai/OLMoE-1B-7B-0125,peft=adapters/arc-prefix \\\n"
         "      --tasks c3po_arc_challenge --include_path task_configs\n\n"
         "The adapter appears at --out only when training has finished (a killed run leaves nothing there)."
@@ -67,22 +68,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="docs per task (as lm-eval: < 1 is a fraction); default all: the paper trains on the full reference sets",
     )
     train = parser.add_argument_group("training (the paper gives no settings; the defaults are ours)")
-    train.add_argument("--method", required=True, choices=METHODS, help="prefix (prefix tuning) or prompt (soft prompt)")
+    train.add_argument("--method", required=True, choices=METHODS,
+                       help="prefix (prefix tuning) or prompt (soft prompt)")
     train.add_argument("--num_virtual_tokens", type=int, default=DEFAULT_VIRTUAL_TOKENS,
                        help=f"virtual tokens (default {DEFAULT_VIRTUAL_TOKENS})")
     train.add_argument("--lr", type=float, default=None,
                        help=f"AdamW learning rate, decayed linearly to 0 (default prefix {DEFAULT_LR['prefix']}, "
                             f"prompt {DEFAULT_LR['prompt']})")
-    train.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"passes over the docs (default {DEFAULT_EPOCHS})")
+    train.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                       help=f"passes over the docs (default {DEFAULT_EPOCHS})")
     train.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
                        help=f"docs per optimiser step (default {DEFAULT_BATCH_SIZE})")
     train.add_argument("--max_length", type=int, default=None,
                        help="tokens per example, virtual tokens included (default: lm-eval's max_length for the model)")
     train.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                       help=f"initialisation and shuffling seed; the same seed gives the same adapter (default {DEFAULT_SEED})")
+                       help="initialisation and shuffling seed; the same seed gives the same adapter "
+                            f"(default {DEFAULT_SEED})")
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="the adapter directory to write (a PEFT adapter)")
-    out.add_argument("--overwrite", action="store_true", help="replace an existing adapter at --out (swapped in when done)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace an existing adapter at --out (swapped in when done)")
 
 
 def _model_args(text: str) -> dict[str, Any]:
