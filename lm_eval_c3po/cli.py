@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "reference_builders.cli",
         "harvest the pathways of correctly answered reference questions into a store",
     ),
+    "train-baseline": ("lm_eval_c3po.baselines.cli", "train the prefix-tuning or soft-prompt baseline (a PEFT adapter)"),
     "inspect": ("lm_eval_c3po.store.inspect_cli", "summarise a reference store (a directory or a Hub dataset)"),
     "push-reference": ("lm_eval_c3po.store.push_cli", "upload a finished reference store to the Hugging Face Hub"),
     "demo": ("lm_eval_c3po.demo.cli", "run the offline planted-pathway benchmark end to end"),

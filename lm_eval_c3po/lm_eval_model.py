@@ -29,13 +29,14 @@ from lm_eval.models.huggingface import HFLM, normalize_gen_kwargs
 
 from lm_eval_c3po import distributed
 from lm_eval_c3po.remix import ANY_TASK, METHODS, C3POConfig, C3POConfigError, Remixer
-from lm_eval_c3po.retrieve import Embedder
+from lm_eval_c3po.retrieve.embedding import Embedder, EmbedderOptionError, EmbedderOptions
 from lm_eval_c3po.routing import RoutingController
 from lm_eval_c3po.score import PathwayOverride, Request, RoutingRecorder, RowPlan, causal_row
 
 logger = logging.getLogger(__name__)
 
 CACHE_SETTINGS_KEY = "lm_eval_c3po/settings"
+EMBEDDER_PREFIX = "embedder_"  # model_args embedder_dtype=..., embedder_query_prompt=..., ...
 
 
 class CacheSettingsError(ValueError):
@@ -50,6 +51,11 @@ class C3POLM(HFLM):
     def __init__(self, pretrained, **kwargs) -> None:
         c3po_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in C3POConfig.field_names()}
         self.c3po = C3POConfig.from_model_args(c3po_kwargs)
+        embedder_args = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith(EMBEDDER_PREFIX)}
+        try:
+            self.embedder_options = EmbedderOptions.from_args(embedder_args, prefix=EMBEDDER_PREFIX)
+        except EmbedderOptionError as err:
+            raise C3POConfigError(str(err)) from None
         if METHODS[self.c3po.method].needs_gold and not self.reads_gold:
             raise C3POConfigError(
                 f"method={self.c3po.method} reads each doc's gold answer, which lm-eval never gives a model: run "
@@ -70,7 +76,7 @@ class C3POLM(HFLM):
 
     def _load_remixers(self) -> dict[str, Remixer]:
         """One Remixer per store entry of ``reference`` (every store loaded and checked up front)."""
-        embedder = Embedder(self.c3po.embedder, device=str(self.device))
+        embedder = Embedder(self.c3po.embedder, device=str(self.device), options=self.embedder_options)
         return {task: Remixer.from_lm(self, dataclasses.replace(self.c3po, reference=paths), embedder)
                 for task, paths in self.c3po.stores_by_task().items()}
 
@@ -266,6 +272,7 @@ class C3POLM(HFLM):
     def _cache_identity(self) -> dict:
         settings = self.c3po.to_dict()
         settings.pop("diagnostics")  # changes no number (remix_batch_size may: float sums in another order)
+        settings["embedder_options"] = self.embedder_options.to_args(EMBEDDER_PREFIX)
         identity = {"pretrained": str(self.pretrained), "revision": str(getattr(self, "revision", None)),
                     "c3po": json.dumps(settings, sort_keys=True)}
         if self._remixers:

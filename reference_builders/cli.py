@@ -104,6 +104,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"sentence-transformers model for the question embeddings (default {DEFAULT_EMBEDDER})",
     )
     store.add_argument(
+        "--embedder_args", default="", metavar="K=V,...",
+        help="embedder options: trust_remote_code=True, dtype=float16|bfloat16|float32, max_seq_length=N, "
+             "append_eos=True, padding_side=left|right, query_prompt_name=NAME, document_prompt_name=NAME "
+             "(prompts the model configures)",
+    )
+    store.add_argument(
+        "--embedder_query_prompt", default=None, metavar="TEXT",
+        help="literal instruction prepended to test questions (queries); recorded in the store, which then "
+             "requires the same at query time. Escapes: \\n newline, \\u002c comma",
+    )
+    store.add_argument(
+        "--embedder_document_prompt", default=None, metavar="TEXT",
+        help="literal instruction prepended to the reference questions stored (documents)",
+    )
+    store.add_argument(
         "--keep", default="acc", choices=sorted(KEEP_POLICIES),
         help="which docs to store: acc (answered right, the paper's; default), acc_norm, any, or all (analysis)",
     )
@@ -125,6 +140,28 @@ def _model_args(text: str) -> dict[str, Any]:
             fix = f"give it as {option}" if option else "the builder always scores with method=base"
             raise BuildError(f"--model_args must not set {key!r}: {fix}")
     return args
+
+
+def _embedder_options(args: argparse.Namespace):
+    """The embedder's options from ``--embedder_args`` and the two prompt flags, or a BuildError naming the problem."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from lm_eval_c3po.retrieve.embedding import EmbedderOptionError, EmbedderOptions
+
+    values = simple_parse_args_string(args.embedder_args)
+    for side in ("query", "document"):
+        text = getattr(args, f"embedder_{side}_prompt")
+        if text is None:
+            continue
+        if f"{side}_prompt" in values:
+            raise BuildError(
+                f"give the {side} prompt once: --embedder_{side}_prompt or {side}_prompt= in --embedder_args"
+            )
+        values[f"{side}_prompt"] = text
+    try:
+        return EmbedderOptions.from_args(values)
+    except EmbedderOptionError as err:
+        raise BuildError(str(err)) from None
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -155,7 +192,7 @@ def build(args: argparse.Namespace) -> int:
     import lm_eval
 
     from lm_eval_c3po.lm_eval_model import C3POLM
-    from lm_eval_c3po.retrieve import Embedder
+    from lm_eval_c3po.retrieve.embedding import Embedder, EmbedderOptionError
     from lm_eval_c3po.routing import token_slots
     from lm_eval_c3po.store import StoreManifest, lm_signature
     from reference_builders.distributed import build_in_parts, check_parts, join
@@ -165,6 +202,7 @@ def build(args: argparse.Namespace) -> int:
 
     names = requested_tasks(args.tasks, args.preset)
     model_args = _model_args(args.model_args)
+    embedder_options = _embedder_options(args)
     _check_options(args)
     launch = join()
     check_parts(Path(args.out), launch.world)
@@ -180,7 +218,10 @@ def build(args: argparse.Namespace) -> int:
 
     device = args.device or _default_device()
     lm = C3POLM(pretrained=args.model, method="base", device=device, batch_size=args.batch_size, **model_args)
-    embedder = Embedder(args.embedder, device=str(lm.device))  # under a launcher: this rank's device
+    try:  # under a launcher: this rank's device
+        embedder = Embedder(args.embedder, device=str(lm.device), options=embedder_options)
+    except EmbedderOptionError as err:
+        raise BuildError(str(err)) from None
     base = StoreManifest(
         model=lm_signature(lm),
         embedder=embedder.signature,

@@ -70,7 +70,7 @@ class Harvester:
         """One record per doc, in order: lm-eval's verdict, the gold context's pathway, the embedding."""
         requests = [encode_request(self.lm, c, x) for doc in docs for c, x in doc.arguments]
         results, routing = score_with_routing(self.lm, requests, self.tokens)
-        embeddings = self.embedder.encode([doc.question for doc in docs])
+        embeddings = self.embedder.encode_documents([doc.question for doc in docs])
         out, start = [], 0
         for doc, embedding in zip(docs, embeddings, strict=True):
             stop = start + len(doc.arguments)

@@ -86,7 +86,7 @@ class Retriever:
             self.bandwidth = float(bandwidth)
 
     def __call__(self, texts: Sequence[str]) -> tuple[Neighbours, torch.Tensor]:
-        queries = self.embedder.encode(list(texts))
+        queries = self.embedder.encode_queries(list(texts))
         if self.eps is None:
             sims, idx = self.store.knn(queries, self.k, dedup=self.dedup)
             found = k_nearest(torch.from_numpy(sims), torch.from_numpy(idx), k=self.k)

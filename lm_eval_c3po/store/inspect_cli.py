@@ -18,6 +18,7 @@ from lm_eval_c3po.store.errors import StoreError
 from lm_eval_c3po.store.hub import resolve_store
 from lm_eval_c3po.store.manifest import MANIFEST_FILE, SourceCounts, sum_sources
 from lm_eval_c3po.store.reference_store import ReferenceStore
+from lm_eval_c3po.store.signature import EmbedderSignature
 from lm_eval_c3po.store.writer import read_progress
 
 
@@ -126,7 +127,7 @@ def _render(s: dict[str, Any]) -> str:
         f"{model['num_experts']} experts, top-{model['top_k']} {model['routing_kind']}",
         f"            config {model['config_fingerprint']}, tokenizer {model['tokenizer_fingerprint']}, "
         f"MoE layers {model['moe_layers']}",
-        f"  embedder  {embedder['name']} ({embedder['dim']}-d)",
+        f"  embedder  {EmbedderSignature.from_dict(embedder).describe()}",
         f"  build     {json.dumps({k: v for k, v in build.items() if k != 'sample'}, sort_keys=True)}",
     ]
     if s["status"] == "complete":

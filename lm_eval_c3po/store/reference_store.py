@@ -325,6 +325,7 @@ def check_embedder(store: EmbedderSignature, embedder: EmbedderSignature | None,
     if embedder is None or store == embedder:
         return
     raise StoreMismatchError(
-        f"{where} was embedded with {store.describe()}, but the embedder is {embedder.describe()}: "
-        f"embed queries with {store.name}, or rebuild the store with `--embedder {embedder.name}`"
+        f"{where} was embedded with {store.describe()}, but the embedder is {embedder.describe()} "
+        f"(differs in: {', '.join(store.differences(embedder))}): embed queries with the store's embedder and "
+        f"prompts, or rebuild the store with `--embedder {embedder.name}` and these prompts"
     )

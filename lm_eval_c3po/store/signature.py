@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ROUTING_KINDS = ("softmax", "sigmoid")
@@ -139,19 +139,59 @@ class ModelSignature:
         return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
+# EmbedderSignature fields that change the vectors (compared at load) and those recorded only for people.
+_EMBEDDER_IDENTITY = ("name", "dim", "query_prompt", "document_prompt", "append_eos")
+
+
 @dataclass(frozen=True)
 class EmbedderSignature:
-    """The sentence embedder whose vectors are in the store: its name and dimension."""
+    """The sentence embedder whose vectors are in the store, and how it was prompted.
+
+    ``query_prompt`` / ``document_prompt`` are the literal texts prepended to
+    test questions / reference questions ("" for none), ``append_eos`` whether
+    the tokenizer's EOS was appended. Together with the name and dimension
+    these decide the vectors, so all of them must match at load. ``dtype`` and
+    ``max_seq_length`` are recorded for people (``c3po inspect``) but not
+    compared: a store embedded in float32 is still searched correctly with
+    bfloat16 queries.
+    """
 
     name: str
     dim: int
+    query_prompt: str = ""
+    document_prompt: str = ""
+    append_eos: bool = False
+    dtype: str | None = field(default=None, compare=False)
+    max_seq_length: int | None = field(default=None, compare=False)
 
     def describe(self) -> str:
-        return f"{self.name} ({self.dim}-d)"
+        parts = [f"{self.dim}-d"]
+        for side in ("query", "document"):
+            prompt = getattr(self, f"{side}_prompt")
+            if prompt:
+                parts.append(f"{side} prompt {prompt!r}")
+        if self.append_eos:
+            parts.append("EOS appended")
+        return f"{self.name} ({', '.join(parts)})"
+
+    def differences(self, other: EmbedderSignature) -> list[str]:
+        """Names of the fields that decide the vectors where ``other`` differs from this signature."""
+        return [name for name in _EMBEDDER_IDENTITY if getattr(self, name) != getattr(other, name)]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Name and dim always; the other fields only when set, so a plain embedder's manifest stays as before."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k in ("name", "dim") or v not in (None, "", False)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EmbedderSignature:
-        return cls(name=str(d["name"]), dim=int(d["dim"]))
+        max_seq_length = d.get("max_seq_length")
+        return cls(
+            name=str(d["name"]),
+            dim=int(d["dim"]),
+            query_prompt=str(d.get("query_prompt", "")),
+            document_prompt=str(d.get("document_prompt", "")),
+            append_eos=bool(d.get("append_eos", False)),
+            dtype=None if d.get("dtype") is None else str(d["dtype"]),
+            max_seq_length=None if max_seq_length is None else int(max_seq_length),
+        )
