@@ -74,25 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--include_path", action="extend", nargs="+", default=[], metavar="DIR",
         help="extra folders of task YAMLs (this package's task_configs/ is included when present)",
     )
-    data.add_argument(
-        "--sample-size", "--sample_size", dest="sample_size", action="append", default=[], metavar="SOURCE=N",
-        help="docs to sample from a reference source (task or group; Table 7 names may drop the c3po_ref_ prefix); "
-        "N or 'all'; repeatable. Default: the paper's Table 7 sizes ("
-        + ", ".join(f"{s.removeprefix('c3po_ref_')} {n}" for s, n in TABLE7_SIZES.items())
-        + "), split over a source's tasks in proportion to their size; other tasks: every doc",
-    )
-    data.add_argument(
-        "--all-docs", "--all_docs", dest="all_docs", action="store_true",
-        help="harvest every doc of every task instead of the Table 7 samples",
-    )
-    data.add_argument(
-        "--sample-seed", "--sample_seed", dest="sample_seed", type=int, default=DEFAULT_SAMPLE_SEED,
-        help=f"seed of the doc sample (default {DEFAULT_SAMPLE_SEED}); the same seed gives the same docs everywhere",
-    )
-    data.add_argument(
-        "--limit", type=float, default=None,
-        help="instead of a sample: the first N docs of each task (as lm-eval's --limit: < 1 is a fraction); for quick checks",
-    )
+    add_doc_arguments(data)
     data.add_argument(
         "--seed", type=int, default=DEFAULT_FEWSHOT_SEED,
         help=f"few-shot sampling seed, for tasks with num_fewshot > 0 (default {DEFAULT_FEWSHOT_SEED}, lm-eval's)",
@@ -129,6 +111,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     store.add_argument("--overwrite", action="store_true", help="replace an existing store (swapped in when complete)")
     store.add_argument("--shard_size", type=int, default=1024, help="docs per shard: the unit of resume (default 1024)")
+
+
+def add_doc_arguments(data: argparse._ArgumentGroup) -> None:
+    """Which docs of the reference tasks: the Table 7 sample (default), other sizes, all, or the first N.
+
+    Shared by ``c3po build-reference`` and ``c3po train-baseline``, so a baseline trains on the docs a store holds.
+    """
+    data.add_argument(
+        "--sample-size", "--sample_size", dest="sample_size", action="append", default=[], metavar="SOURCE=N",
+        help="docs to sample from a reference source (task or group; Table 7 names may drop the c3po_ref_ prefix); "
+        "N or 'all'; repeatable. Default: the paper's Table 7 sizes ("
+        + ", ".join(f"{s.removeprefix('c3po_ref_')} {n}" for s, n in TABLE7_SIZES.items())
+        + "), split over a source's tasks in proportion to their size; other tasks: every doc",
+    )
+    data.add_argument(
+        "--all-docs", "--all_docs", dest="all_docs", action="store_true",
+        help="harvest every doc of every task instead of the Table 7 samples",
+    )
+    data.add_argument(
+        "--sample-seed", "--sample_seed", dest="sample_seed", type=int, default=DEFAULT_SAMPLE_SEED,
+        help=f"seed of the doc sample (default {DEFAULT_SAMPLE_SEED}); the same seed gives the same docs everywhere",
+    )
+    data.add_argument(
+        "--limit", type=float, default=None,
+        help="instead of a sample: the first N docs of each task (as lm-eval's --limit: < 1 is a fraction); for quick checks",
+    )
+
+
+def doc_arguments_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the doc options of :func:`add_doc_arguments`, or None."""
+    if args.limit is not None and args.limit <= 0:
+        return f"--limit must be > 0 (a doc count, or a fraction below 1), got {args.limit}"
+    if args.limit is not None and (args.sample_size or args.all_docs):
+        return "--limit takes the first N docs of each task instead of a sample: drop --sample-size/--all-docs"
+    return None
 
 
 def _model_args(text: str) -> dict[str, Any]:
@@ -175,10 +192,9 @@ def _check_options(args: argparse.Namespace) -> None:
         validate_token_spec(args.tokens)
     except SpecError as err:
         raise BuildError(f"--tokens: {err}") from None
-    if args.limit is not None and args.limit <= 0:
-        raise BuildError(f"--limit must be > 0 (a doc count, or a fraction below 1), got {args.limit}")
-    if args.limit is not None and (args.sample_size or args.all_docs):
-        raise BuildError("--limit takes the first N docs of each task instead of a sample: drop --sample-size/--all-docs")
+    problem = doc_arguments_problem(args)
+    if problem:
+        raise BuildError(problem)
 
 
 def _default_device() -> str:
@@ -208,7 +224,7 @@ def build(args: argparse.Namespace) -> int:
     check_parts(Path(args.out), launch.world)
     tasks, group_map = load_tasks(names, include_paths(args.include_path), {"pretrained": args.model, **model_args},
                                   args.seed)
-    sample, stream = _sample(args, tasks, group_map)
+    sample, stream = sampled_docs(args, tasks, group_map)
     if launch.rank == 0:
         _report_sample(sample)
     if not stream:
@@ -249,7 +265,8 @@ def build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace, tasks: dict, group_map: dict[str, list[str]]) -> tuple[dict, list[DocRequests]]:
+def sampled_docs(args: argparse.Namespace, tasks: dict, group_map: dict[str, list[str]]
+                 ) -> tuple[dict, list[DocRequests]]:
     """The manifest's record of the sample (seed, sizes asked and taken per source and task, malformed
     docs) and the docs to harvest, in task order then doc order: the same on every rank and rerun."""
     from lm_eval.evaluator_utils import get_sample_size

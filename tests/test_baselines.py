@@ -49,8 +49,8 @@ def hflm(tiny_model_dir):
 def examples(hflm, tiny_task_dir):
     from reference_builders.tasks import doc_requests, include_paths, load_tasks
 
-    tasks = load_tasks(["tiny_mc"], include_paths([str(tiny_task_dir)]), {}, 1234)
-    docs = doc_requests("tiny_mc", tasks["tiny_mc"], None)
+    tasks, _ = load_tasks(["tiny_mc"], include_paths([str(tiny_task_dir)]), {}, 1234)
+    docs = doc_requests("tiny_mc", tasks["tiny_mc"], range(len(tasks["tiny_mc"].eval_docs)))
     return examples_from_docs(hflm, docs, hflm.max_length)
 
 

@@ -25,6 +25,7 @@ from lm_eval_c3po.baselines.train import (
     METHODS,
     TrainError,
 )
+from reference_builders.cli import add_doc_arguments, doc_arguments_problem
 from reference_builders.presets import PRESETS
 
 # model_args keys that have their own option here, or make no sense for training a new adapter.
@@ -63,10 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--include_path", action="extend", nargs="+", default=[], metavar="DIR",
         help="extra folders of task YAMLs (this package's task_configs/ is included when present)",
     )
-    data.add_argument(
-        "--limit", type=float, default=None,
-        help="docs per task (as lm-eval: < 1 is a fraction); default all: the paper trains on the full reference sets",
-    )
+    add_doc_arguments(data)  # the docs a store of the same options holds: Table 7 samples by default
     train = parser.add_argument_group("training (the paper gives no settings; the defaults are ours)")
     train.add_argument("--method", required=True, choices=METHODS,
                        help="prefix (prefix tuning) or prompt (soft prompt)")
@@ -116,16 +114,17 @@ def train(args: argparse.Namespace) -> int:
         save_adapter,
         train_adapter,
     )
-    from reference_builders.cli import DEFAULT_FEWSHOT_SEED
+    from reference_builders.cli import DEFAULT_FEWSHOT_SEED, sampled_docs
     from reference_builders.presets import requested_tasks
-    from reference_builders.tasks import doc_requests, include_paths, load_tasks
+    from reference_builders.tasks import include_paths, load_tasks
 
     settings = TrainSettings(
         method=args.method, num_virtual_tokens=args.num_virtual_tokens, lr=args.lr, epochs=args.epochs,
         batch_size=args.batch_size, seed=args.seed,
     )
-    if args.limit is not None and args.limit <= 0:
-        raise TrainError(f"--limit must be > 0 (a doc count, or a fraction below 1), got {args.limit}")
+    problem = doc_arguments_problem(args)
+    if problem:
+        raise TrainError(problem)
     out = Path(args.out)
     for path in remove_stale(out):
         print(f"removed {path}, left by an interrupted run", file=sys.stderr)
@@ -133,9 +132,9 @@ def train(args: argparse.Namespace) -> int:
         raise TrainError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
     names = requested_tasks(args.tasks, args.preset)
     model_args = _model_args(args.model_args)
-    tasks = load_tasks(names, include_paths(args.include_path), {"pretrained": args.model, **model_args},
-                       DEFAULT_FEWSHOT_SEED)
-    docs = [doc for name, task in tasks.items() for doc in doc_requests(name, task, args.limit)]
+    tasks, group_map = load_tasks(names, include_paths(args.include_path), {"pretrained": args.model, **model_args},
+                                  DEFAULT_FEWSHOT_SEED)
+    sample, docs = sampled_docs(args, tasks, group_map)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = HFLM(pretrained=args.model, device=device, batch_size=1, **model_args)
@@ -143,7 +142,7 @@ def train(args: argparse.Namespace) -> int:
     room = max_length - (settings.num_virtual_tokens if settings.method == "prompt" else 0)
     examples = examples_from_docs(lm, docs, room)
     if not examples:
-        raise TrainError(f"the tasks {', '.join(tasks)} have no docs to train on (check --limit and the task's split)")
+        raise TrainError(f"the tasks {', '.join(tasks)} have no docs to train on (check --limit / --sample-size and the task's split)")
     peft_model = make_peft_model(lm.model, settings)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     check_forward(peft_model, examples, settings, pad_id=pad_id)
@@ -152,7 +151,7 @@ def train(args: argparse.Namespace) -> int:
     epoch_losses = train_adapter(peft_model, examples, settings, pad_id=pad_id)
     after = reference_loss(peft_model, examples, pad_id=pad_id, batch_size=settings.batch_size)
     info = run_info(
-        settings, model=args.model, model_args=model_args, requested=names, tasks=list(tasks), limit=args.limit,
+        settings, model=args.model, model_args=model_args, requested=names, tasks=list(tasks), sample=sample,
         docs=len(examples), max_length=max_length, reference_loss_before=before, reference_loss_after=after,
         epoch_losses=epoch_losses,
     )
