@@ -89,7 +89,7 @@ def test_64_experts_get_readable_ticks():
 
 
 def test_routing_weights_one_panel_per_layer_with_topk_marked(records):
-    record = plots.pick_sample(records)
+    record, _ = plots.pick_sample(records)
     assert record is max(records, key=lambda r: np.abs(r.after - r.before).sum())
     fig = plots.routing_weights(record)
     assert len(fig.axes) == 3
@@ -143,8 +143,8 @@ def test_write_report_writes_table_and_every_plot(tmp_path):
     assert report.table_md.read_text() == report.markdown and report.markdown.startswith("| Model | Method |")
     assert report.table_csv.read_text().startswith("model,method,other_args,label,")
     names = sorted(p.name for p in report.plots)
-    stems = ["activation_diagnostics_ngd", "loss_diagnostics_ngd", "routing_diagnostics_ngd",
-             "sweep_allenai_OLMoE-1B-7B-0125_ngd_k"]
+    stems = ["activation_diagnostics_ngd", "coverage_diagnostics_ngd", "loss_diagnostics_ngd",
+             "routing_diagnostics_ngd", "sweep_allenai_OLMoE-1B-7B-0125_ngd_k"]
     assert names == sorted(f"{s}.{fmt}" for s in stems for fmt in ("png", "svg"))
     for path in report.plots:
         assert path.stat().st_size > 1000

@@ -7,7 +7,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm_eval_c3po.report import paired_table, plots
+from lm_eval_c3po.report import figures, paired_table, plots
 from lm_eval_c3po.report.diagnostics import group_by_run
 from lm_eval_c3po.report.results import ReportError, load_runs
 from lm_eval_c3po.report.sweeps import find_sweeps
@@ -27,6 +27,8 @@ class ReportFiles:
     paired: paired_table.PairedTable | None = None
     paired_markdown: str = ""
     tables: tuple[Path, ...] = ()
+    cost_markdown: str = ""
+    notes: tuple[str, ...] = ()
 
 
 def write_text(path: Path, text: str) -> None:
@@ -82,10 +84,8 @@ def write_report(
         for sweep in find_sweeps(table):
             stem = plots.slug(f"sweep_{sweep.model}_{sweep.method}_{sweep.param}")
             written += plots.save(plots.sweep_plot(sweep, table.metric, table.percent), out, stem)
-    for name, records in group_by_run(diagnostics_paths).items():
-        run = plots.slug(name)
-        written += plots.save(plots.activation_heatmap(records), out, f"activation_{run}")
-        written += plots.save(plots.routing_weights(plots.pick_sample(records)), out, f"routing_{run}")
-        if any(r.loss for r in records):
-            written += plots.save(plots.loss_curves(records), out, f"loss_{run}")
-    return ReportFiles(markdown, table, table_md, table_csv, tuple(written), pairs, paired_markdown, tuple(tables))
+    drawn = figures.draw(group_by_run(diagnostics_paths), runs, table, out, write_text)
+    written += [p for p in drawn.files if p.suffix in (".png", ".svg")]
+    tables += [p for p in drawn.files if p.suffix not in (".png", ".svg")]
+    return ReportFiles(markdown, table, table_md, table_csv, tuple(written), pairs, paired_markdown, tuple(tables),
+                       drawn.cost_markdown, drawn.notes)

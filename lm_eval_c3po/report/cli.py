@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the paired bootstrap (default 0)")
     parser.add_argument(
         "--diagnostics", nargs="+", default=[], metavar="FILE",
-        help="diagnostics JSONL files written by --model c3po, for the activation heatmap, routing and loss plots "
-        "(needs --out)",
+        help="diagnostics JSONL files written by --model c3po, for the activation heatmap, routing, loss, expert "
+        "coverage, accuracy-per-step and cost outputs (needs --out); a results file whose model args name the file "
+        "(diagnostics=PATH) links it to that run's samples",
     )
 
 
@@ -52,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
         print(report.markdown)
     if report.paired_markdown:
         print(report.paired_markdown)
+    if report.cost_markdown:
+        print(report.cost_markdown)
+    for note in report.notes:
+        print(f"c3po report: note: {note}", file=sys.stderr)
     for path in (report.table_md, report.table_csv, *report.tables, *report.plots):
         if path is not None:
             print(f"wrote {path}", file=sys.stderr)
