@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lm_eval_c3po.store.inspect_cli", "summarise a reference store"),
     "demo": ("lm_eval_c3po.demo.cli", "run the offline planted-pathway benchmark end to end"),
     "report": ("lm_eval_c3po.report.cli", "leaderboard tables and routing plots from lm-eval results"),
+    "reproduce": ("lm_eval_c3po.report.reproduce", "run the paper's experiment grid through lm-eval, then report"),
 }
 
 
