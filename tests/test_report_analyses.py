@@ -125,7 +125,7 @@ def test_coverage_and_cost_outputs(full):
     # accuracy of each linked run: mean of its leaderboard cells (ARC 10/12, MMLU 5/8; ARC 8/12, MMLU 5/8)
     assert float(cost[0]["accuracy"]) == pytest.approx((10 / 12 + 5 / 8) / 2)
     assert float(cost[1]["accuracy"]) == pytest.approx((8 / 12 + 5 / 8) / 2)
-    assert "| diagnostics_ngd_s10 | ngd (dtype=bfloat16,steps=10) | 6 | 100 | 300 | 1,000 | 2,000 | 3,400 | 72.92 |" \
+    assert "| diagnostics_ngd_s10 | ngd (steps=10) | 6 | 100 | 300 | 1,000 | 2,000 | 3,400 | 72.92 |" \
         in report.cost_markdown
     (ax,) = plots.cost_accuracy_plot([("a", 1300.0, 0.6458), ("b", 3400.0, 0.7292)]).axes
     assert [tuple(line.get_xydata()[0]) for line in ax.lines] == [(1300.0, pytest.approx(64.58)),

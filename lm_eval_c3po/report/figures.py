@@ -21,7 +21,7 @@ from lm_eval_c3po.report.analyses import coverage_of_records, link_runs, mean_co
 from lm_eval_c3po.report.diagnostics import COST_PARTS, ContextDiagnostics
 from lm_eval_c3po.report.results import ReportError, Run
 from lm_eval_c3po.report.samples import Sample, join_runs, load_samples
-from lm_eval_c3po.report.table import Table
+from lm_eval_c3po.report.table import Row, Table
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,14 @@ def _samples_by_context(run: Run, cache: dict, notes: list[str]) -> dict[str, Sa
     return found
 
 
+def _row_of(run: Run, table: Table) -> Row | None:
+    """The leaderboard row that holds ``run``'s cells."""
+    return next((r for r in table.rows if any(c.source == run.path for c in r.cells.values())), None)
+
+
 def _wrong_to_right(run: Run, table: Table, by_path: Mapping[Path, Run], cache: dict, notes: list[str]) -> set[str]:
     """Context hashes of the questions ``run`` turned from wrong to right against its base row."""
-    row = next((r for r in table.rows if any(c.source == run.path for c in r.cells.values())), None)
+    row = _row_of(run, table)
     if row is None or row.reference_key is None:
         return set()
     base = next(r for r in table.rows if (r.model, r.method, r.args) == row.reference_key)
@@ -131,10 +136,8 @@ def draw(
                                  "(rerun with --log_samples)")
         cost = mean_cost(records)
         if cost is not None:
-            label = "/".join(sorted({r.method for r in records}))
-            if run is not None:
-                label = f"{run.method}" + (f" ({','.join(f'{k}={v}' for k, v in sorted(run.args.items()))})"
-                                           if run.args else "")
+            row = _row_of(run, table) if run is not None and table is not None else None
+            label = row.method_label if row is not None else "/".join(sorted({r.method for r in records}))
             cost_rows.append((name, label, sum(r.cost is not None for r in records), cost,
                               _run_accuracy(run, table) if run is not None and table is not None else None))
     cost_markdown = ""

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from lm_eval_c3po.report.analyses import StepCurve
 from lm_eval_c3po.report.diagnostics import ContextDiagnostics
@@ -174,6 +175,7 @@ def coverage_plot(ns: np.ndarray, coverage: np.ndarray, records: Sequence[Contex
     ax.set_xlabel(f"n (initial top-n experts of the router; top-k = {first.top_k})")
     ax.set_ylabel(f"final top-{first.top_k} experts inside\nthe initial top-n (%)")
     ax.set_ylim(0, 102)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False, loc="lower right")
     ax.set_title(f"Expert coverage ({_run_title(records)})\nmeaningful for runs that let every expert move "
@@ -211,6 +213,7 @@ def cost_accuracy_plot(points: Sequence[tuple[str, float, float]], percent: bool
     for label, cost, accuracy in sorted(points, key=lambda p: p[1]):
         ax.plot([cost], [accuracy * scale], marker="o", linestyle="none", color="black")
         ax.annotate(label, (cost, accuracy * scale), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.margins(x=0.25, y=0.15)  # room for the labels right of the points
     ax.set_xlabel("mean token-layer evaluations per question (own + neighbours + optimisation)")
     ax.set_ylabel("accuracy (%)" if percent else "accuracy")
     ax.grid(alpha=0.3)
