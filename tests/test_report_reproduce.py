@@ -129,3 +129,26 @@ def test_small_grid_end_to_end_then_a_rerun_does_nothing(tiny_model_dir, tiny_ta
     second = capsys.readouterr().err
     assert second.count("skipped, results exist") == 2 and "python" not in second.split("report written")[0]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing was rerun
+
+
+@pytest.mark.slow  # builds a small planted benchmark and store, then two lm_eval processes: 5-20 minutes
+def test_planted_grid_end_to_end(tmp_path, capsys):
+    """The shipped planted grid on a small planted benchmark (the demo's, at test size): base and NGD."""
+    from lm_eval_c3po.demo.planted import build_planted
+
+    paths = build_planted(tmp_path / "planted", n_ref=48, n_test=48, steps=150, log=lambda *_: None)
+    store = tmp_path / "refs-perturbed"
+    assert main(["build-reference", "--model", str(paths.perturbed_model), "--model_args", "dtype=float32",
+                 "--device", "cpu", "--batch_size", "32", "--tasks", "planted_ref",
+                 "--include_path", str(paths.task_dir), "--out", str(store)]) == 0
+    output = tmp_path / "grid"
+    argv = ["reproduce", "planted", "--blocks", "steps", "--model", str(paths.perturbed_model),
+            "--model_args", "dtype=float32", "--reference-dir", str(tmp_path), "--output", str(output),
+            "--include_path", str(paths.task_dir), "--lm_eval_args", "--device cpu --batch_size 32"]
+    assert main(argv) == 0
+    assert sorted(p.parent.parent.name for p in output.rglob("results_*.json")) == ["ngd_steps=1", "ngd_steps=3"]
+    report = output / "report"
+    assert (report / "table.md").is_file() and (report / "coverage_diagnostics_planted_test_ngd_steps_3.csv").is_file()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().err.count("skipped, results exist") == 2
