@@ -109,8 +109,8 @@ def to_markdown(paired: PairedTable) -> str:
         "questions the method turns from wrong to right / right to wrong. McNemar p: exact two-sided binomial "
         "test on those discordant pairs. 95% CI: percentile interval of the paired bootstrap "
         f"({paired.replicates} replicates, seed {paired.seed}).",
-        f"{AVERAGE}: Δ and CI of the unweighted mean over the benchmarks (each resampled on its own); n, flips "
-        "and McNemar p pooled over all their questions.",
+        *([f"{AVERAGE}: Δ and CI of the unweighted mean over the benchmarks (each resampled on its own); n, flips "
+           "and McNemar p pooled over all their questions."] if any(r.benchmark == AVERAGE for r in paired.rows) else []),
         *paired.notes,
     ]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
