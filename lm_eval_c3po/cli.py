@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lm_eval_c3po.demo.cli", "run the offline planted-pathway benchmark end to end"),
     "oracle": ("lm_eval_c3po.oracle_eval", "the oracle upper bound on lm-eval tasks, written as lm-eval results"),
     "report": ("lm_eval_c3po.report.cli", "leaderboard tables and routing plots from lm-eval results"),
+    "reproduce": ("lm_eval_c3po.report.reproduce", "run the paper's experiment grid through lm-eval, then report"),
 }
 
 

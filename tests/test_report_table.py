@@ -26,6 +26,7 @@ def _expected_rows() -> dict[tuple[str, str, str], dict]:
         args = data["config"]["model_args"]
         args = dict(args) if isinstance(args, dict) else simple_parse_args_string(args)
         model = args.pop("pretrained")
+        args.pop("reference", None)  # a store per benchmark: not part of the row
         method = "hf" if data["config"]["model"] == "hf" else str(args.pop("method", "base"))
         key = (model, method, ",".join(f"{k}={v}" for k, v in sorted(args.items())))
         if key not in newest or data["date"] > newest[key]["date"]:
@@ -160,3 +161,19 @@ def test_suite_group_is_shown_as_its_members(tmp_path):
     path.write_text(json.dumps(data))
     assert build_table(load_runs([path])).columns == tuple(members)
     assert build_table(load_runs([path]), suites=()).columns == ("c3po_six",)
+
+
+def test_runs_with_their_own_reference_store_per_benchmark_are_one_row(tmp_path):
+    """The paper gives each benchmark its own store: ngd on ARC (refs/arc) and on PIQA (refs/commonsense)
+    is one row with an average, and the stores are named in the notes."""
+    data = json.loads(next(RUNS.rglob("results_2025-06-02T12*.json")).read_text())
+    for task, store, stamp in (("c3po_arc_easy", "refs/arc", "10"), ("c3po_piqa", "refs/commonsense", "11")):
+        one = {**data, "results": {task: data["results"][task]}, "group_subtasks": {}, "versions": {task: 1.0}}
+        one["config"] = {**data["config"], "model_args": f"pretrained=m,method=ngd,reference={store},"
+                                                         f"diagnostics=diag_{task}.jsonl"}
+        one["date"] = float(stamp)
+        (tmp_path / f"results_2025-06-02T{stamp}-00-00.000000.json").write_text(json.dumps(one))
+    (row,) = build_table(load_runs([tmp_path])).rows
+    assert row.args == () and set(row.cells) == {"c3po_arc_easy", "c3po_piqa"} and row.average is not None
+    (note,) = build_table(load_runs([tmp_path])).notes
+    assert note == "m / ngd reference stores: c3po_arc_easy: refs/arc; c3po_piqa: refs/commonsense"

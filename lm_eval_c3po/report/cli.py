@@ -26,23 +26,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(c3po_six always is); repeatable",
     )
     parser.add_argument(
+        "--paired", action="store_true",
+        help="also print (and write paired.md / paired.csv) each method against the same model's base on the same "
+        "questions: flips wrong->right / right->wrong, exact McNemar p, paired-bootstrap 95%% interval of the delta; "
+        "needs the runs' --log_samples output",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the paired bootstrap (default 0)")
+    parser.add_argument(
         "--diagnostics", nargs="+", default=[], metavar="FILE",
-        help="diagnostics JSONL files written by --model c3po, for the activation heatmap, routing and loss plots "
-        "(needs --out)",
+        help="diagnostics JSONL files written by --model c3po, for the activation heatmap, routing, loss, expert "
+        "coverage, accuracy-per-step and cost outputs (needs --out); a results file whose model args name the file "
+        "(diagnostics=PATH) links it to that run's samples",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         report = write_report(
-            args.results, args.out, args.diagnostics, metric=args.metric, suites=SUITE_GROUPS | set(args.suite)
+            args.results, args.out, args.diagnostics, metric=args.metric, suites=SUITE_GROUPS | set(args.suite),
+            paired=args.paired, seed=args.seed,
         )
     except ReportError as err:
         print(f"c3po report: error: {err}", file=sys.stderr)
         return 2
     if report.markdown:
         print(report.markdown)
-    for path in (report.table_md, report.table_csv, *report.plots):
+    if report.paired_markdown:
+        print(report.paired_markdown)
+    if report.cost_markdown:
+        print(report.cost_markdown)
+    for note in report.notes:
+        print(f"c3po report: note: {note}", file=sys.stderr)
+    for path in (report.table_md, report.table_csv, *report.tables, *report.plots):
         if path is not None:
             print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -2,7 +2,12 @@
 
 Only the before/after routing weights are required; every other key is
 optional and gets a sensible default (layer ids 0..L-1, top-k derived from the
-weights, no loss curve), so files from older or partial runs still plot.
+weights, no loss curve), so files from older or partial runs still plot. Two
+optional keys feed the paper's Figures 6 and 4: ``step_predictions`` (the test
+context's predicted choice index at each NGD step, step 0 = before any step) and
+``cost`` (token-layer evaluations for the question: ``own``, ``neighbours``,
+``optimisation_forward``, ``optimisation_backward``); records without them are
+simply left out of those figures.
 Errors name the file and line so a bad record can be found.
 """
 
@@ -38,6 +43,8 @@ class ContextDiagnostics:
     after_topk: tuple[tuple[int, ...], ...]
     loss: tuple[float, ...]
     steps: int | None
+    step_predictions: tuple[int, ...] | None = None
+    cost: dict[str, float] | None = None
 
     @property
     def num_experts(self) -> int:
@@ -91,7 +98,30 @@ def parse_record(record: dict[str, Any], source: Path, line: int) -> ContextDiag
         after_topk=tuple(map(tuple, after_topk)) if after_topk else _topk_from_weights(after, int(top_k)),
         loss=tuple(float(x) for x in record.get("loss") or ()),
         steps=record.get("steps"),
+        step_predictions=_step_predictions(record.get("step_predictions"), where),
+        cost=_cost(record.get("cost"), where),
     )
+
+
+COST_PARTS = ("own", "neighbours", "optimisation_forward", "optimisation_backward")
+
+
+def _step_predictions(value: Any, where: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise ReportError(f"{where}: 'step_predictions' must be a non-empty list of choice indices, got {value!r}")
+    return tuple(value)
+
+
+def _cost(value: Any, where: str) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(value.get(part), (int, float)) and not isinstance(value.get(part), bool) for part in COST_PARTS
+    ):
+        raise ReportError(f"{where}: 'cost' must give a number for each of {', '.join(COST_PARTS)}, got {value!r}")
+    return {part: float(value[part]) for part in COST_PARTS}
 
 
 def load_diagnostics(path: str | os.PathLike) -> list[ContextDiagnostics]:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
+from lm_eval_c3po.report.analyses import StepCurve
 from lm_eval_c3po.report.diagnostics import ContextDiagnostics
 from lm_eval_c3po.report.sweeps import Sweep
 
@@ -78,12 +80,22 @@ def activation_heatmap(records: Sequence[ContextDiagnostics]) -> Figure:
     return fig
 
 
-def pick_sample(records: Sequence[ContextDiagnostics]) -> ContextDiagnostics:
-    """The context whose pathway moved most (L1 distance): the most instructive one to look at."""
-    return max(records, key=lambda r: float(np.abs(r.after - r.before).sum()))
+MOVED_MOST = "the context whose pathway moved most"
+TURNED_RIGHT = "a question re-mixing turned from wrong to right; of those, the one whose pathway moved most"
 
 
-def routing_weights(record: ContextDiagnostics) -> Figure:
+def pick_sample(
+    records: Sequence[ContextDiagnostics], wrong_to_right: Collection[str] = ()
+) -> tuple[ContextDiagnostics, str]:
+    """The context to show and why (the paper's Figure 8): among contexts whose question the method
+    turned from wrong to right (``wrong_to_right``: their context hashes, from the join with the
+    samples), else among all, the one whose pathway moved most (L1 distance)."""
+    turned = [r for r in records if r.context_hash in wrong_to_right]
+    pool, why = (turned, TURNED_RIGHT) if turned else (records, MOVED_MOST)
+    return max(pool, key=lambda r: float(np.abs(r.after - r.before).sum())), why
+
+
+def routing_weights(record: ContextDiagnostics, why: str = MOVED_MOST) -> Figure:
     """One context's routing weights per critical layer, before vs after, top-k experts marked."""
     layers, num_experts = record.critical_layers, record.num_experts
     fig = Figure(figsize=(max(8.0, 0.22 * num_experts + 2.5), 1.6 + 1.7 * len(layers)), layout="constrained")
@@ -117,7 +129,7 @@ def routing_weights(record: ContextDiagnostics) -> Figure:
     context = textwrap.shorten(record.context, width, placeholder=" ...") if record.context else record.context_hash
     task = f"{record.task}: " if record.task else ""
     fig.suptitle(f"Routing weights of one test context, before vs after {record.method} re-mixing\n"
-                 f"({task}the context whose pathway moved most)\n\"{context}\"", fontsize=11)
+                 f"({task}{why})\n\"{context}\"", fontsize=11)
     return fig
 
 
@@ -149,6 +161,63 @@ def loss_curves(records: Sequence[ContextDiagnostics]) -> Figure:
     skipped = len(records) - len(with_loss)
     note = f"; {skipped} more without a loss curve not shown" if skipped else ""
     ax.set_title(f"Surrogate loss per optimisation step\n({_run_title(with_loss)}{note})", fontsize=11)
+    return fig
+
+
+def coverage_plot(ns: np.ndarray, coverage: np.ndarray, records: Sequence[ContextDiagnostics]) -> Figure:
+    """Figure 5: share of the final top-k experts inside the initial top-n, one line per critical layer."""
+    first = records[0]
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for layer, curve in zip(first.critical_layers, coverage):
+        ax.plot(ns, 100 * curve, linewidth=1, marker="o", markersize=2.5, alpha=0.8, label=f"layer {layer}")
+    ax.plot(ns, 100 * coverage.mean(axis=0), color="black", linewidth=2.5, label="mean over layers")
+    ax.set_xlabel(f"n (initial top-n experts of the router; top-k = {first.top_k})")
+    ax.set_ylabel(f"final top-{first.top_k} experts inside\nthe initial top-n (%)")
+    ax.set_ylim(0, 102)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    ax.set_title(f"Expert coverage ({_run_title(records)})\nmeaningful for runs that let every expert move "
+                 "(core_experts = number of experts)", fontsize=10)
+    return fig
+
+
+def step_accuracy_plot(curve: StepCurve, records: Sequence[ContextDiagnostics]) -> Figure:
+    """Figure 6: accuracy of the test contexts' prediction per NGD step, flips against step 0 below."""
+    steps = np.arange(len(curve.accuracy))
+    fig = Figure(figsize=(7.5, 5.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    top.plot(steps, 100 * np.asarray(curve.accuracy), color="black", marker="o", linewidth=2)
+    top.set_ylabel("accuracy (%)")
+    top.grid(alpha=0.3)
+    width = 0.4
+    bottom.bar(steps - width / 2, curve.wrong_to_right, width, color=AFTER_COLOUR, label="wrong → right")
+    bottom.bar(steps + width / 2, curve.right_to_wrong, width, color=BEFORE_COLOUR, label="right → wrong")
+    bottom.set_ylabel("flips vs step 0\n(questions)")
+    bottom.set_xlabel("NGD step (0 = the router's own pathway)")
+    bottom.legend(fontsize=8, frameon=False)
+    bottom.grid(axis="y", alpha=0.3)
+    if len(steps) <= 20:
+        bottom.set_xticks(steps)
+    top.set_title(f"Accuracy per NGD step ({_run_title(records)}; {curve.n} joined with their gold answer)",
+                  fontsize=10)
+    return fig
+
+
+def cost_accuracy_plot(points: Sequence[tuple[str, float, float]], percent: bool = True) -> Figure:
+    """Figure 4: accuracy against mean token-layer evaluations per question, one point per run."""
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    scale = 100.0 if percent else 1.0
+    for label, cost, accuracy in sorted(points, key=lambda p: p[1]):
+        ax.plot([cost], [accuracy * scale], marker="o", linestyle="none", color="black")
+        ax.annotate(label, (cost, accuracy * scale), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.margins(x=0.25, y=0.15)  # room for the labels right of the points
+    ax.set_xlabel("mean token-layer evaluations per question (own + neighbours + optimisation)")
+    ax.set_ylabel("accuracy (%)" if percent else "accuracy")
+    ax.grid(alpha=0.3)
+    ax.set_title("Accuracy vs cost per question across runs", fontsize=10)
     return fig
 
 

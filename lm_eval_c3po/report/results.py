@@ -24,8 +24,11 @@ from lm_eval.utils import simple_parse_args_string
 HF_MODEL_TYPES = frozenset({"hf", "hf-auto", "huggingface"})
 # Model args that identify the row's model and method, not a hyper-parameter.
 IDENTITY_KEYS = ("pretrained", "method")
+# Model args that do not split rows: each benchmark has its own reference store (paper Table 7), so a
+# method's runs on several benchmarks are one row; a diagnostics path only says where output went.
+ROW_NEUTRAL_KEYS = ("reference", "diagnostics")
 
-_TIMESTAMP = re.compile(r"_(\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d+)?)\.json$")
+RESULTS_TIMESTAMP = re.compile(r"_(\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d+)?)\.json$")
 
 
 class ReportError(ValueError):
@@ -38,7 +41,8 @@ class Run:
 
     ``args`` holds the model args other than ``pretrained`` and ``method``
     (typed as lm-eval parses them), so runs that differ only in ``k`` become
-    different rows. ``date`` orders runs for "newest wins".
+    different rows; ``reference`` and ``diagnostics`` are kept apart (they do not
+    split rows, see :data:`ROW_NEUTRAL_KEYS`). ``date`` orders runs for "newest wins".
     """
 
     path: Path
@@ -51,6 +55,8 @@ class Run:
     group_subtasks: Mapping[str, list[str]]
     versions: Mapping[str, Any]
     n_shot: Mapping[str, Any] = field(default_factory=dict)
+    reference: str | None = None
+    diagnostics: str | None = None
 
 
 def parse_model_args(model_args: str | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -96,7 +102,7 @@ def _run_date(path: Path, data: Mapping[str, Any]) -> float:
     date = data.get("date")
     if isinstance(date, (int, float)):
         return float(date)
-    match = _TIMESTAMP.search(path.name)
+    match = RESULTS_TIMESTAMP.search(path.name)
     if match:
         stamp = match.group(1)
         day, time = stamp.split("T")
@@ -126,12 +132,14 @@ def load_run(path: Path) -> Run:
         model_type=model_type,
         pretrained=pretrained,
         method=method_of(model_type, args),
-        args={k: _hashable(v) for k, v in args.items() if k not in IDENTITY_KEYS},
+        args={k: _hashable(v) for k, v in args.items() if k not in IDENTITY_KEYS + ROW_NEUTRAL_KEYS},
         date=_run_date(path, data),
         results=data["results"],
         group_subtasks=data.get("group_subtasks") or {},
         versions=data.get("versions") or {},
         n_shot=data.get("n-shot") or {},
+        reference=None if args.get("reference") is None else str(args["reference"]),
+        diagnostics=None if args.get("diagnostics") is None else str(args["diagnostics"]),
     )
 
 

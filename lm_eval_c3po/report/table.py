@@ -37,6 +37,7 @@ class Cell:
     value: float
     stderr: float | None
     source: Path
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Row:
     average_stderr: float | None
     delta: float | None
     delta_vs: str | None
+    reference_key: tuple[str, str, tuple[tuple[str, Any], ...]] | None = None
 
     @property
     def method_label(self) -> str:
@@ -131,7 +133,7 @@ def _cell(run: Run, task: str, metric: str) -> Cell:
     value = _as_float(entry[key])
     if value is None:
         raise ReportError(f"{run.path}: '{task}' has non-numeric {key} = {entry[key]!r}")
-    return Cell(value=value, stderr=_as_float(entry.get(stderr_key)), source=run.path)
+    return Cell(value=value, stderr=_as_float(entry.get(stderr_key)), source=run.path, reference=run.reference)
 
 
 def _row_key(run: Run) -> tuple[str, str, tuple[tuple[str, Any], ...]]:
@@ -218,7 +220,7 @@ def _average(cells: Mapping[str, Cell], columns: Sequence[str]) -> tuple[float |
     return mean, stderr
 
 
-def _reference(row_key: tuple[str, str, tuple], keys: Sequence[tuple[str, str, tuple]]) -> tuple | None:
+def reference_key(row_key: tuple[str, str, tuple], keys: Sequence[tuple[str, str, tuple]]) -> tuple | None:
     """The same model's ``base`` row (else ``hf``); among several, the one sharing most model args."""
     model, method, args = row_key
     for ref_method in REFERENCE_METHODS:
@@ -247,7 +249,7 @@ def build_table(runs: Sequence[Run], metric: str = "acc", suites: Collection[str
     for key in keys:
         model, method, args = key
         mean, stderr = averages[key]
-        ref = _reference(key, keys)
+        ref = reference_key(key, keys)
         ref_mean = averages[ref][0] if ref else None
         delta = None if mean is None or ref_mean is None else mean - ref_mean
         rows.append(
@@ -261,6 +263,7 @@ def build_table(runs: Sequence[Run], metric: str = "acc", suites: Collection[str
                 average_stderr=stderr,
                 delta=delta,
                 delta_vs=method_label(ref[1], ref[2], varying[(ref[0], ref[1])]) if delta is not None else None,
+                reference_key=ref,
             )
         )
     missing = [
@@ -268,6 +271,10 @@ def build_table(runs: Sequence[Run], metric: str = "acc", suites: Collection[str
     ]
     if missing:
         notes.append("no average (and no delta) for rows missing a benchmark: " + "; ".join(missing))
+    for row in rows:
+        stores = {c: cell.reference for c, cell in row.cells.items() if cell.reference}
+        if len(set(stores.values())) > 1:
+            notes.append(f"{row.label} reference stores: " + "; ".join(f"{c}: {s}" for c, s in sorted(stores.items())))
     return Table(metric=metric, columns=columns, rows=tuple(rows), notes=tuple(notes))
 
 
