@@ -271,7 +271,8 @@ class C3POLM(HFLM):
 
     def _cache_identity(self) -> dict:
         settings = self.c3po.to_dict()
-        settings.pop("diagnostics")  # changes no number (remix_batch_size may: float sums in another order)
+        for volatile in ("diagnostics", "record_steps"):  # change no number (remix_batch_size may: sum order)
+            settings.pop(volatile)
         settings["embedder_options"] = self.embedder_options.to_args(EMBEDDER_PREFIX)
         identity = {"pretrained": str(self.pretrained), "revision": str(getattr(self, "revision", None)),
                     "c3po": json.dumps(settings, sort_keys=True)}

@@ -28,6 +28,8 @@ def test_oracle_results_are_lm_eval_results_marked_as_an_upper_bound(tiny_model_
                            task_manager=TaskManager(include_path=str(tiny_task_dir)), device="cpu")
     oracle_acc, base_acc = results["results"]["tiny_mc"]["acc,none"], base["results"]["tiny_mc"]["acc,none"]
     assert oracle_acc >= base_acc and oracle_acc > 0.5  # it reads the gold: it must not lose to base
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert "oracle (upper bound)" in (tmp_path / "report" / "table.md").read_text()
 
 
 def test_the_oracle_is_refused_where_no_gold_is_given(tiny_model_dir):
@@ -35,3 +37,21 @@ def test_the_oracle_is_refused_where_no_gold_is_given(tiny_model_dir):
 
     with pytest.raises(C3POConfigError, match="c3po oracle"):
         C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", method="oracle")
+
+
+def test_report_lays_out_table_1_rows(tmp_path):
+    """Prefix tuning and soft prompt rows come from --model hf runs with peft=DIR (the adapter's kind),
+    the oracle's from c3po oracle results; rows follow the paper's Table 1 order."""
+    from lm_eval_c3po.report.results import method_of
+    from lm_eval_c3po.report.table import _METHOD_ORDER, method_label
+
+    for kind, row in (("PREFIX_TUNING", "prefix_tuning"), ("PROMPT_TUNING", "soft_prompt")):
+        adapter = tmp_path / kind
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": kind}))
+        assert method_of("hf", {"pretrained": "m", "peft": str(adapter)}) == row
+    assert method_of("hf", {"pretrained": "m"}) == "hf"
+    assert method_of("c3po", {"method": "oracle"}) == "oracle"
+    assert method_label("oracle", [], []) == "oracle (upper bound)"
+    table1 = ["base", "icl", "prefix_tuning", "soft_prompt", "mode_finding", "kernel_regression", "ngd", "oracle"]
+    assert sorted(table1, key=_METHOD_ORDER.get) == table1

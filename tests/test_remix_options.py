@@ -274,3 +274,50 @@ def test_logged_ball_summary_at_the_end_of_a_run(tiny_model_dir, tiny_store_dir,
     with caplog.at_level(logging.INFO, logger="lm_eval_c3po.lm_eval_model"):
         model.loglikelihood(_requests(2))
     assert "epsilon-ball eps=0.9 over the 64 nearest references: 2 contexts" in caplog.text
+
+
+def test_cost_meter_counts_token_layer_evaluations_by_hand(lm):
+    from lm_eval_c3po.score.cost import CostMeter
+
+    meter = CostMeter(lm.model)
+    layers = len(lm.model.model.layers)
+    ids = torch.randint(2, 300, (2, 5))
+    with torch.no_grad():
+        with meter.phase("own"):
+            lm.model(ids)
+        lm.model(ids)  # outside any phase: not counted
+    with meter.phase("optimisation"), torch.enable_grad():
+        lm.model(ids[:1, :3])
+    assert meter.take() == {"own": 2 * 5 * layers, "neighbours": 0, "optimisation_forward": 3 * layers,
+                            "optimisation_backward": 3 * layers}
+    assert meter.take()["own"] == 0  # taken counts are reset
+    meter.close()
+
+
+def test_diagnostics_record_cost_and_the_prediction_at_every_ngd_step(lm, tiny_store_dir, tmp_path):
+    diag = tmp_path / "diag.jsonl"
+    remixer = _remixer(lm, tiny_store_dir, method="ngd", steps=3, record_steps=True, diagnostics=str(diag))
+    docs = TINY_MC_DOCS[:3]
+    texts = [f"Question: {q}\nAnswer:" for q, _, _ in docs]
+    conts = [[lm.tok_encode(" " + c) for c in choices] for _, choices, _ in docs]
+    scores = remixer.score(texts, [lm.tok_encode(t) for t in texts], conts, progress=False)
+    records = [json.loads(line) for line in diag.read_text().splitlines()]
+    assert len(records) == 3
+    for record, per_choice, choices in zip(records, scores, conts):
+        assert len(record["step_predictions"]) == 4  # omega0 and three steps
+        assert all(0 <= p < len(choices) for p in record["step_predictions"])
+        assert set(record["cost"]) == {"own", "neighbours", "optimisation_forward", "optimisation_backward"}
+        assert record["cost"]["own"] > 0 and record["cost"]["neighbours"] > 0
+        assert record["cost"]["optimisation_backward"] > 0 and record["cost"]["optimisation_forward"] > 0
+    # step 0 is the model's own pathway: its prediction is base's argmax
+    from lm_eval_c3po.lm_eval_model import C3POLM  # noqa: F401  (lm is a base C3POLM)
+
+    for record, text, choices in zip(records, texts, docs):
+        base = [ll for ll, _ in lm.loglikelihood(_requests_for(text, choices[1]))]
+        assert record["step_predictions"][0] == int(np.argmax(base))
+
+
+def _requests_for(text: str, choices: list[str]):
+    from lm_eval.api.instance import Instance
+
+    return [Instance("loglikelihood", {}, (text, " " + c), 0) for c in choices]

@@ -60,6 +60,7 @@ class C3POConfig:
     embedder: str = DEFAULT_EMBEDDER
     seed: int = 1234
     diagnostics: str | None = None
+    record_steps: bool = False  # diagnostics: the test context's predicted choice at every NGD step
     remix_batch_size: int = 32
     layer_ids: tuple[int, ...] = field(default=(), compare=False)  # resolved against the model
 
@@ -85,8 +86,9 @@ class C3POConfig:
         for name in ("dedup", "tol"):
             if values.get(name) is False:
                 values[name] = None
-        if isinstance(values.get("keep_best"), str) and values["keep_best"].lower() in ("true", "false"):
-            values["keep_best"] = values["keep_best"].lower() == "true"
+        for name in ("keep_best", "record_steps"):
+            if isinstance(values.get(name), str) and values[name].lower() in ("true", "false"):
+                values[name] = values[name].lower() == "true"
         if isinstance(values.get("bandwidth"), str):
             values["bandwidth"] = _number_or_word(values["bandwidth"].strip())
         config = cls(**values)
@@ -100,8 +102,9 @@ class C3POConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("loss", self.loss, OBJECTIVES)
         _choice("mode_neighbourhood", self.mode_neighbourhood, MODE_NEIGHBOURHOODS)
-        if not isinstance(self.keep_best, bool):
-            raise C3POConfigError(f"keep_best={self.keep_best!r} must be true or false")
+        for name in ("keep_best", "record_steps"):
+            if not isinstance(getattr(self, name), bool):
+                raise C3POConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if isinstance(self.bandwidth, str):
             _choice("bandwidth", self.bandwidth, BANDWIDTH_RULES)
         else:

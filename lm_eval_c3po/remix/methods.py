@@ -60,6 +60,7 @@ class Problem:
     kernel: KernelSpec
     pathway_bandwidth: float | None  # mode finding's kernel bandwidth in pathway space (None: per-context median)
     simplex: bool  # softmax rows stay on the simplex; sigmoid rows in [0, 1]
+    observe: Callable[[int, Tensor], None] | None = None  # sees NGD's iterate at every step (record_steps)
 
 
 @dataclass
@@ -79,12 +80,12 @@ class Method:
 
 
 def descend(omega0: Tensor, free: Tensor, loss: Callable[[Tensor], Tensor], options: MethodOptions,
-            simplex: bool) -> NGDResult:
+            simplex: bool, observe: Callable[[int, Tensor], None] | None = None) -> NGDResult:
     """NGD on ``loss``; gradients are switched on whatever the caller's mode (lm-eval scores under no_grad)."""
     with torch.enable_grad():
         return optimise_pathway(omega0, loss, free, steps=options.steps, lr=options.lr, lr_min=options.lr_min,
                                 schedule=options.schedule, simplex=simplex, keep_best=options.keep_best,
-                                tol=options.tol)
+                                tol=options.tol, observe=observe)
 
 
 def _mode_finding(p: Problem) -> Solution:
@@ -110,7 +111,7 @@ def _kernel_regression(p: Problem) -> Solution:
 
 
 def _ngd(p: Problem) -> Solution:
-    result = descend(p.omega0, p.free, p.loss(), p.options, p.simplex)
+    result = descend(p.omega0, p.free, p.loss(), p.options, p.simplex, p.observe)
     losses = [[float(x) for x in row if np.isfinite(float(x))] for row in result.losses]
     return Solution(result.omega, losses=losses)
 

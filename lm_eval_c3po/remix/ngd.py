@@ -120,6 +120,7 @@ def optimise_pathway(
     simplex: bool = True,
     keep_best: bool = True,
     tol: float | None = None,
+    observe: Callable[[int, Tensor], None] | None = None,
 ) -> NGDResult:
     """Projected gradient descent of ``loss_fn`` over the free entries of ``omega0 [B, L, E]``.
 
@@ -134,6 +135,8 @@ def optimise_pathway(
     (``best_step`` then names the evaluation returned). ``tol`` stops a context
     early once its loss changed by at most ``tol`` since the previous
     evaluation (off by default: every context takes ``steps`` steps).
+    ``observe(step, omega)`` sees the iterate of every evaluation (step 0 is ``omega0``), e.g. to record the
+    test context's prediction per step.
     """
     if omega0.ndim < 2:
         raise ValueError(f"omega0 must be [B, L, E], got {tuple(omega0.shape)}")
@@ -157,6 +160,8 @@ def optimise_pathway(
 
     for step in range(steps + 1):
         needs_grad = step < steps
+        if observe is not None:
+            observe(step, omega.detach())
         x = omega.detach().requires_grad_(needs_grad)
         with torch.set_grad_enabled(needs_grad):
             loss = loss_fn(x)

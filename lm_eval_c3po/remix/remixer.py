@@ -31,7 +31,25 @@ from lm_eval_c3po.remix.oracle import oracle_pathways
 from lm_eval_c3po.retrieve import Embedder, Neighbours, Retriever, as_kernel_spec
 from lm_eval_c3po.routing import RoutingController, input_device, own_pathways, token_slots
 from lm_eval_c3po.score import ChoiceLoss, Example, PrefixCache, TrieScorer, choice_loss, fast_path_applies
+from lm_eval_c3po.score.cost import CostMeter
 from lm_eval_c3po.store import ReferenceStore, lm_signature, resolve_store
+
+
+class StepPredictions:
+    """NGD's observer: the test contexts' predicted choice under each step's omega (``record_steps``).
+
+    Scored on the contexts' own prepared tries (their answer tokens only); not counted as re-mixing work.
+    """
+
+    def __init__(self, scorer: TrieScorer, choices: Sequence[int], cost: CostMeter):
+        self.scorer, self.choices, self.cost = scorer, list(choices), cost
+        self.predictions: list[list[int]] = [[] for _ in choices]
+
+    def __call__(self, step: int, omega: torch.Tensor) -> None:
+        with self.cost.phase(None), torch.no_grad():
+            ll, _ = self.scorer.row_scores(omega)
+        for b, part in enumerate(ll.split(self.choices)):
+            self.predictions[b].append(int(part.argmax()))
 
 
 @dataclasses.dataclass
@@ -75,6 +93,7 @@ class Remixer:
         self.loss_cache = PrefixCache()  # prepared neighbours, shared by every neighbourhood loss
         self._diagnostics = Path(config.diagnostics) if config.diagnostics else None
         self._references: torch.Tensor | None = None
+        self.cost = CostMeter(model)  # token-layer evaluations per phase (diagnostics "cost")
 
     @classmethod
     def from_lm(cls, lm, config: C3POConfig, embedder: Embedder | None = None) -> Remixer:
@@ -95,8 +114,11 @@ class Remixer:
         out: list[torch.Tensor] = []
         for part in self._batches(len(contexts), "re-mixing", progress):
             batch = [list(c) for c in contexts[part]]
-            omega0 = self.own_pathways(batch)
-            out.extend(omega.unsqueeze(0) for omega in self._remix(list(texts[part]), omega0))
+            with self.cost.phase("own"):  # the own scoring then runs in lm-eval's batches, not counted here
+                omega0 = self.own_pathways(batch)
+            omega, diagnostics = self._remix(list(texts[part]), omega0)
+            self._write_diagnostics(diagnostics, self.cost.take())
+            out.extend(row.unsqueeze(0) for row in omega)
         return out
 
     def score(self, texts: Sequence[str], contexts: Sequence[Sequence[int]],
@@ -115,8 +137,16 @@ class Remixer:
                         for ctx, conts in zip(contexts[part], continuations[part])]
             scorer = TrieScorer(self.model, self.routing, self.layer_ids, self.config.tokens, examples,
                                 self.max_length, cache=PrefixCache(), softmax_dtype=self.softmax_dtype)
-            omega = self._remix(list(texts[part]), scorer.own_routing())
-            ll, greedy = scorer.row_scores(omega)
+            with self.cost.phase("own"):
+                omega0 = scorer.own_routing()
+            observe = self._step_recorder(scorer) if self.config.record_steps else None
+            omega, diagnostics = self._remix(list(texts[part]), omega0, observe)
+            with self.cost.phase("own"):
+                ll, greedy = scorer.row_scores(omega)
+            if observe is not None:
+                for record, predictions in zip(diagnostics, observe.predictions):
+                    record["step_predictions"] = predictions
+            self._write_diagnostics(diagnostics, self.cost.take())
             cursor = 0
             for conts in continuations[part]:
                 out.append([(float(ll[cursor + c]), bool(greedy[cursor + c])) for c in range(len(conts))])
@@ -137,7 +167,12 @@ class Remixer:
                 yield slice(start, start + size)
                 bar.update(min(size, total - start))
 
-    def _remix(self, texts: list[str], omega0: torch.Tensor) -> torch.Tensor:
+    def _step_recorder(self, scorer: TrieScorer) -> StepPredictions:
+        return StepPredictions(scorer, [len(items[0].choices) for items in scorer.examples], self.cost)
+
+    def _remix(self, texts: list[str], omega0: torch.Tensor, observe: StepPredictions | None = None
+               ) -> tuple[torch.Tensor, list[dict]]:
+        """omega* of a batch and its diagnostics records (empty without ``diagnostics``)."""
         if self.method.pathway is None:
             raise ValueError(f"method {self.config.method!r} does not re-mix pathways")
         neighbours, weights = self.retriever(texts)
@@ -151,16 +186,24 @@ class Remixer:
             neighbour_pathways=lambda: torch.from_numpy(
                 self.store.pathways(neighbours.indices.clamp_min(0).numpy(), self.slots, self.layer_ids)),
             reference_pathways=self._reference_pathways,
-            loss=lambda: self.neighbourhood_loss(neighbours, weights),
+            loss=lambda: self._prepared(self.neighbourhood_loss(neighbours, weights)),
             options=self.config,
             kernel=self.retriever.kernel,
             pathway_bandwidth=None if isinstance(self.config.bandwidth, str) else float(self.config.bandwidth),
             simplex=self.simplex,
+            observe=observe,
         )
-        solution = self.method.pathway(problem)
+        with self.cost.phase("optimisation"):
+            solution = self.method.pathway(problem)
         omega = solution.omega.detach()
-        self._write_diagnostics(texts, omega0, omega, neighbours, weights, solution)
-        return omega
+        return omega, self._diagnostic_records(texts, omega0, omega, neighbours, weights, solution)
+
+    def _prepared(self, loss: ChoiceLoss) -> ChoiceLoss:
+        """Prepare the neighbours of a prefix-cached loss now, so their passes count as neighbour work."""
+        if isinstance(loss.scorer, TrieScorer):
+            with self.cost.phase("neighbours"), torch.no_grad():
+                loss.scorer.trie_batch()
+        return loss
 
     def _reference_pathways(self) -> torch.Tensor:
         """Every reference's pathway ``[N, P * L_crit, E]`` (mode finding searches them all), read once."""
@@ -208,37 +251,47 @@ class Remixer:
 
     # -- diagnostics ----------------------------------------------------------
 
-    def _write_diagnostics(self, texts, omega0, omega, neighbours, weights, solution: Solution) -> None:
+    def _diagnostic_records(self, texts, omega0, omega, neighbours, weights, solution: Solution) -> list[dict]:
         if self._diagnostics is None:
-            return
+            return []
         alpha = solution.alpha or [None] * len(texts)
         losses = solution.losses or [[] for _ in texts]
+        records = []
+        for b, text in enumerate(texts):
+            nbrs = [
+                {"row": int(r), "source": self.store.texts[int(r)]["id"], "similarity": float(s),
+                 "weight": float(w)}
+                for r, s, w, ok in zip(neighbours.indices[b], neighbours.similarities[b], weights[b],
+                                       neighbours.valid[b]) if ok
+            ]
+            records.append({
+                "context_hash": hashlib.sha1(text.encode()).hexdigest(),
+                "context": text[:200],
+                "method": self.config.method,
+                "critical_layers": self.layer_ids,
+                "token_slots": self.slots,
+                "num_experts": self.routing.num_experts,
+                "top_k": self.routing.top_k,
+                "neighbours": nbrs,
+                "before": self._weights_and_topk(omega0[b]),
+                "after": self._weights_and_topk(omega[b]),
+                "loss": losses[b],
+                "alpha": alpha[b],
+                "steps": self.config.steps,
+                "ball": {"size": len(nbrs), "fallback": bool(neighbours.fallback[b])}
+                if self.config.eps is not None else None,
+            })
+        return records
+
+    def _write_diagnostics(self, records: list[dict], cost: dict[str, int]) -> None:
+        """Append a batch's records, each with the batch's counted work split evenly over its questions."""
+        if not records:
+            return
+        per_question = {phase: count / len(records) for phase, count in cost.items()}
         self._diagnostics.parent.mkdir(parents=True, exist_ok=True)
         with open(self._diagnostics, "a") as f:
-            for b, text in enumerate(texts):
-                nbrs = [
-                    {"row": int(r), "source": self.store.texts[int(r)]["id"], "similarity": float(s),
-                     "weight": float(w)}
-                    for r, s, w, ok in zip(neighbours.indices[b], neighbours.similarities[b], weights[b],
-                                           neighbours.valid[b]) if ok
-                ]
-                record = {
-                    "context_hash": hashlib.sha1(text.encode()).hexdigest(),
-                    "context": text[:200],
-                    "method": self.config.method,
-                    "critical_layers": self.layer_ids,
-                    "token_slots": self.slots,
-                    "num_experts": self.routing.num_experts,
-                    "top_k": self.routing.top_k,
-                    "neighbours": nbrs,
-                    "before": self._weights_and_topk(omega0[b]),
-                    "after": self._weights_and_topk(omega[b]),
-                    "loss": losses[b],
-                    "alpha": alpha[b],
-                    "steps": self.config.steps,
-                    "ball": {"size": len(nbrs), "fallback": bool(neighbours.fallback[b])} if self.config.eps is not None else None,
-                }
-                f.write(json.dumps(record) + "\n")
+            for record in records:
+                f.write(json.dumps({**record, "cost": per_question}) + "\n")
 
     def _weights_and_topk(self, omega: torch.Tensor) -> dict:
         """Rows (and their top-k) per (token slot, critical layer), slot-major as omega holds them."""

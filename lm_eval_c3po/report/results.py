@@ -68,13 +68,27 @@ def parse_model_args(model_args: str | Mapping[str, Any] | None) -> dict[str, An
     return simple_parse_args_string(model_args)
 
 
+# PEFT adapter kinds (adapter_config.json's peft_type) -> the paper's Table 1 baseline rows.
+PEFT_BASELINES = {"PREFIX_TUNING": "prefix_tuning", "PROMPT_TUNING": "soft_prompt"}
+
+
 def method_of(model_type: str, args: Mapping[str, Any]) -> str:
-    """The row's method: ``hf`` for lm-eval's HF model, ``base`` for c3po without ``method=``."""
+    """The row's method: ``hf`` for lm-eval's HF model (``prefix_tuning`` / ``soft_prompt`` with a PEFT
+    adapter of that kind, ``peft`` for another), ``base`` for c3po without ``method=``."""
     if model_type in HF_MODEL_TYPES:
-        return "hf"
+        return _peft_baseline(args["peft"]) if args.get("peft") else "hf"
     if model_type == "c3po":
         return str(args.get("method") or "base")
     return str(args.get("method") or model_type)
+
+
+def _peft_baseline(adapter: Any) -> str:
+    """The baseline an adapter directory holds, from its ``adapter_config.json`` (``peft`` if unreadable)."""
+    try:
+        peft_type = json.loads((Path(str(adapter)) / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, ValueError):
+        return "peft"
+    return PEFT_BASELINES.get(str(peft_type), "peft")
 
 
 def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:

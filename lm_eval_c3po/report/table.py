@@ -27,7 +27,10 @@ PERCENT_METRICS = frozenset({"acc", "acc_norm", "exact_match", "f1"})
 SUITE_GROUPS = frozenset({"c3po_six"})
 # Methods that serve as the reference of the delta column, in order of preference.
 REFERENCE_METHODS = ("base", "hf")
-_METHOD_ORDER = {"hf": 0, "base": 1}
+# Rows in the order of the paper's Table 1, then anything else.
+_METHOD_ORDER = {method: n for n, method in enumerate(
+    ("hf", "base", "icl", "prefix_tuning", "soft_prompt", "mode_finding", "kernel_regression", "ngd", "oracle"))}
+UPPER_BOUNDS = {"oracle": "oracle (upper bound)"}  # never a C3PO score: labelled as a bound
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ class Table:
 def method_label(method: str, args: Iterable[tuple[str, Any]], label_args: Iterable[str]) -> str:
     """The method plus the args that tell a row apart from its siblings, e.g. ``ngd (k=5)``."""
     shown = [f"{k}={v}" for k, v in args if k in set(label_args)]
-    return f"{method} ({', '.join(shown)})" if shown else method
+    name = UPPER_BOUNDS.get(method, method)
+    return f"{name} ({', '.join(shown)})" if shown else name
 
 
 def metric_key(entry: Mapping[str, Any], metric: str) -> str | None:
@@ -242,7 +246,8 @@ def build_table(runs: Sequence[Run], metric: str = "acc", suites: Collection[str
             f"no task in the results has metric '{metric}' (tasks: {', '.join(tasks)}); choose another with --metric"
         )
     columns = tuple(sorted({task for cells in merged.values() for task in cells}))
-    keys = sorted(merged, key=lambda k: (k[0], _METHOD_ORDER.get(k[1], 2), k[1], _args_order(k[2])))
+    keys = sorted(merged, key=lambda k: (k[0], _METHOD_ORDER.get(k[1], len(_METHOD_ORDER)), k[1],
+                                         _args_order(k[2])))
     varying = _label_args(keys)
     averages = {key: _average(merged[key], columns) for key in keys}
     rows = []
