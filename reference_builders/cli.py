@@ -43,7 +43,6 @@ _OWN_OPTIONS = {"pretrained": "--model", "device": "--device", "batch_size": "--
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    presets = ", ".join(f"{name} -> {group}" for name, group in PRESETS.items())
     parser.epilog = (
         "examples:\n"
         "  c3po build-reference --model allenai/OLMoE-1B-7B-0125 --preset arc --out refs/arc\n"
@@ -53,28 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "      --model allenai/OLMoE-1B-7B-0125 --preset arc --out refs/arc   # 4 processes share the docs\n\n"
         "An interrupted build resumes when the same command is run again (with the same number of processes)."
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model", required=True, metavar="PRETRAINED", help="HF model id or local path of the MoE model"
-    )
-    model.add_argument(
-        "--model_args", default="", metavar="K=V,...",
-        help="extra lm-eval HF model args, e.g. dtype=bfloat16,revision=main,trust_remote_code=True",
-    )
-    model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    model = add_model_arguments(parser)
     model.add_argument(
         "--batch_size", type=int, default=1,
         help="lm-eval batch size (default 1: log-likelihoods bit-identical to a default `lm_eval --model hf` run)",
     )
-    data = parser.add_argument_group("reference tasks")
-    which = data.add_mutually_exclusive_group(required=True)
-    which.add_argument("--tasks", help="comma-separated lm-eval task or group names (multiple_choice tasks)")
-    which.add_argument("--preset", metavar="BENCHMARK", help=f"the paper's reference sets for a benchmark: {presets}")
-    data.add_argument(
-        "--include_path", action="extend", nargs="+", default=[], metavar="DIR",
-        help="extra folders of task YAMLs (this package's task_configs/ is included when present)",
-    )
-    add_doc_arguments(data)
+    data = add_task_arguments(parser)
     data.add_argument(
         "--seed", type=int, default=DEFAULT_FEWSHOT_SEED,
         help=f"few-shot sampling seed, for tasks with num_fewshot > 0 (default {DEFAULT_FEWSHOT_SEED}, lm-eval's)",
@@ -111,6 +94,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     store.add_argument("--overwrite", action="store_true", help="replace an existing store (swapped in when complete)")
     store.add_argument("--shard_size", type=int, default=1024, help="docs per shard: the unit of resume (default 1024)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--model``, ``--model_args`` and ``--device`` (shared with ``c3po train-baseline``)."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, metavar="PRETRAINED", help="HF model id or local path")
+    model.add_argument(
+        "--model_args", default="", metavar="K=V,...",
+        help="extra lm-eval HF model args, e.g. dtype=bfloat16,revision=main,trust_remote_code=True",
+    )
+    model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    return model
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Which reference tasks (``--tasks`` or ``--preset``, ``--include_path``) and which of their docs."""
+    presets = ", ".join(f"{name} -> {group}" for name, group in PRESETS.items())
+    data = parser.add_argument_group("reference tasks")
+    which = data.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tasks", help="comma-separated lm-eval task or group names (multiple_choice tasks)")
+    which.add_argument("--preset", metavar="BENCHMARK", help=f"the paper's reference sets for a benchmark: {presets}")
+    data.add_argument(
+        "--include_path", action="extend", nargs="+", default=[], metavar="DIR",
+        help="extra folders of task YAMLs (this package's task_configs/ is included when present)",
+    )
+    add_doc_arguments(data)
+    return data
 
 
 def add_doc_arguments(data: argparse._ArgumentGroup) -> None:

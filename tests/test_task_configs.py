@@ -9,15 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval.tasks
 import pytest
-import yaml
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.config.task import TaskConfig
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import Kind
 from lm_eval.tasks._yaml_loader import _import_func_in_yml, load_yaml
-
-import lm_eval.tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_CONFIGS = ROOT / "task_configs"

@@ -25,8 +25,11 @@ from lm_eval_c3po.baselines.train import (
     METHODS,
     TrainError,
 )
-from reference_builders.cli import add_doc_arguments, doc_arguments_problem
-from reference_builders.presets import PRESETS
+from reference_builders.cli import (
+    add_model_arguments,
+    add_task_arguments,
+    doc_arguments_problem,
+)
 
 # model_args keys that have their own option here, or make no sense for training a new adapter.
 _OWN_OPTIONS = {
@@ -40,7 +43,6 @@ _OWN_OPTIONS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    presets = ", ".join(f"{name} -> {group}" for name, group in PRESETS.items())
     parser.epilog = (
         "examples:\n"
         "  c3po train-baseline --model allenai/OLMoE-1B-7B-0125 --method prefix --preset arc \\\n"
@@ -49,22 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "      --tasks c3po_arc_challenge --include_path task_configs\n\n"
         "The adapter appears at --out only when training has finished (a killed run leaves nothing there)."
     )
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, metavar="PRETRAINED", help="HF model id or local path")
-    model.add_argument(
-        "--model_args", default="", metavar="K=V,...",
-        help="extra lm-eval HF model args, e.g. dtype=bfloat16,revision=main,trust_remote_code=True",
-    )
-    model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    data = parser.add_argument_group("reference tasks")
-    which = data.add_mutually_exclusive_group(required=True)
-    which.add_argument("--tasks", help="comma-separated lm-eval task or group names (multiple_choice tasks)")
-    which.add_argument("--preset", metavar="BENCHMARK", help=f"the paper's reference sets for a benchmark: {presets}")
-    data.add_argument(
-        "--include_path", action="extend", nargs="+", default=[], metavar="DIR",
-        help="extra folders of task YAMLs (this package's task_configs/ is included when present)",
-    )
-    add_doc_arguments(data)  # the docs a store of the same options holds: Table 7 samples by default
+    add_model_arguments(parser)
+    add_task_arguments(parser)  # the docs a store of the same options holds: Table 7 samples by default
     train = parser.add_argument_group("training (the paper gives no settings; the defaults are ours)")
     train.add_argument("--method", required=True, choices=METHODS,
                        help="prefix (prefix tuning) or prompt (soft prompt)")

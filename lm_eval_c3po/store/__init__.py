@@ -16,8 +16,8 @@ from lm_eval_c3po.store.errors import (
     StoreMismatchError,
     StoreNotFoundError,
 )
-from lm_eval_c3po.store.identity import lm_signature, model_signature
 from lm_eval_c3po.store.hub import push_store, resolve_store
+from lm_eval_c3po.store.identity import lm_signature, model_signature
 from lm_eval_c3po.store.manifest import FORMAT_VERSION, SourceCounts, StoreManifest
 from lm_eval_c3po.store.record import Record
 from lm_eval_c3po.store.reference_store import ReferenceStore
