@@ -29,19 +29,9 @@ from lm_eval.models.huggingface import HFLM, normalize_gen_kwargs
 
 from lm_eval_c3po import distributed
 from lm_eval_c3po.remix import ANY_TASK, METHODS, C3POConfig, C3POConfigError, Remixer
-from lm_eval_c3po.retrieve.embedding import (
-    Embedder,
-    EmbedderOptionError,
-    EmbedderOptions,
-)
+from lm_eval_c3po.retrieve.embedding import Embedder, EmbedderOptionError, EmbedderOptions
 from lm_eval_c3po.routing import RoutingController
-from lm_eval_c3po.score import (
-    PathwayOverride,
-    Request,
-    RoutingRecorder,
-    RowPlan,
-    causal_row,
-)
+from lm_eval_c3po.score import PathwayOverride, Request, RoutingRecorder, RowPlan, causal_row
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
 import torch
 
 from lm_eval_c3po.score import Request, RoutingRecorder, RowPlan

@@ -110,8 +110,8 @@ def test_kept_docs_are_exactly_lm_evals_correct_docs(arc_store, lm_eval_samples)
 
 def test_rows_hold_the_context_pathway_tokens_and_embedding(all_docs, tiny_model_dir):
     """The stored routing is what the routing controller captures for the context run alone."""
-    from lm_eval_c3po.lm_eval_model import C3POLM
     from lm_eval_c3po.retrieve import Embedder
+    from lm_eval_c3po.lm_eval_model import C3POLM
     from lm_eval_c3po.routing import token_positions
 
     lm = C3POLM(pretrained=str(tiny_model_dir), method="base", device="cpu", dtype="float32", batch_size=4)

@@ -19,13 +19,7 @@ from lm_eval_c3po.cli import main as c3po
 from lm_eval_c3po.store import ReferenceStore
 from reference_builders.errors import BuildError
 from reference_builders.presets import TABLE7_SIZES, sample_sizes
-from reference_builders.sampling import (
-    draw,
-    plan_sample,
-    sample_order,
-    sources_of,
-    split_sizes,
-)
+from reference_builders.sampling import draw, plan_sample, sample_order, sources_of, split_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "tests" / "fixtures" / "task_configs_local"

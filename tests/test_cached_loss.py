@@ -10,13 +10,7 @@ import torch
 
 from lm_eval_c3po import remix as methods
 from lm_eval_c3po.routing import FAMILIES, RoutingController, token_slots
-from lm_eval_c3po.score import (
-    Example,
-    PrefixCache,
-    causal_row,
-    choice_loss,
-    trie_scorer,
-)
+from lm_eval_c3po.score import Example, PrefixCache, causal_row, choice_loss, trie_scorer
 from lm_eval_c3po.score.packing import chunk_by_cost, pack_first_fit
 from lm_eval_c3po.score.tries import build_tries
 from lm_eval_c3po.testing import make_tiny_model

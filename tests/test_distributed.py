@@ -20,8 +20,8 @@ import torch
 from test_cli_end_to_end import _run
 
 from lm_eval_c3po import distributed
-from lm_eval_c3po.lm_eval_model import CACHE_SETTINGS_KEY
 from lm_eval_c3po.remix import C3POConfig
+from lm_eval_c3po.lm_eval_model import CACHE_SETTINGS_KEY
 
 ONE_PROCESS = ["env", "OMP_NUM_THREADS=1", sys.executable]
 # `accelerate launch` (as users type it) with the interpreter under test. `--multi_gpu` is

@@ -56,11 +56,7 @@ def test_similar_questions_rank_above_dissimilar_ones(embedder, tmp_path):
 
 # -- options: prompts, dtype, max_seq_length, remote code (issue 18) ------------------------------
 
-from lm_eval_c3po.retrieve.embedding import (  # noqa: E402
-    EmbedderOptionError,
-    EmbedderOptions,
-    decode_prompt,
-)
+from lm_eval_c3po.retrieve.embedding import EmbedderOptionError, EmbedderOptions, decode_prompt  # noqa: E402
 from lm_eval_c3po.store.errors import StoreMismatchError  # noqa: E402
 from lm_eval_c3po.store.signature import EmbedderSignature  # noqa: E402
 
@@ -190,9 +186,7 @@ def test_options_from_command_line_strings():
     assert opts == EmbedderOptions(trust_remote_code=True, dtype="bfloat16", max_seq_length=512,
                                    query_prompt="Instruct: Given a question, retrieve passages\nQuery: ")
     assert EmbedderOptions.from_args(opts.to_args("embedder_"), prefix="embedder_") == opts
-    from lm_eval.utils import (
-        simple_parse_args_string,  # what `--model c3po` receives from the README's command
-    )
+    from lm_eval.utils import simple_parse_args_string  # what `--model c3po` receives from the README's command
 
     args = simple_parse_args_string(
         r"pretrained=x,embedder_query_prompt=Instruct: Given a question\u002c retrieve passages\nQuery:\u0020,"

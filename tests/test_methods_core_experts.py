@@ -5,12 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm_eval_c3po.remix import (
-    check_pathway,
-    core_expert_mask,
-    project_free,
-    restrict_to_free,
-)
+from lm_eval_c3po.remix import check_pathway, core_expert_mask, project_free, restrict_to_free
 
 
 def test_core_expert_mask_picks_top_n_per_row():

@@ -7,12 +7,7 @@ import math
 import pytest
 import torch
 
-from lm_eval_c3po.remix import (
-    ALPHA_GRID,
-    alpha_candidates,
-    choose_alpha,
-    weighted_average,
-)
+from lm_eval_c3po.remix import ALPHA_GRID, alpha_candidates, choose_alpha, weighted_average
 from lm_eval_c3po.score import neighbourhood_loss
 
 P1 = torch.tensor([[1.0, 0.0], [0.5, 0.5]])

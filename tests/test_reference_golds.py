@@ -12,11 +12,11 @@ import importlib.util
 from pathlib import Path
 
 import datasets
-import lm_eval.tasks
 import pytest
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
+import lm_eval.tasks
 from reference_builders.scoring import gold_index
 
 ROOT = Path(__file__).resolve().parent.parent

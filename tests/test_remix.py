@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MC_DOCS
 
+from conftest import TINY_MC_DOCS
 from lm_eval_c3po import remix as methods
 from lm_eval_c3po.lm_eval_model import score_with_pathways
 from lm_eval_c3po.remix import C3POConfig, Remixer

@@ -8,13 +8,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MC_DOCS
 
+from conftest import TINY_MC_DOCS
 from lm_eval_c3po.remix import C3POConfig, Remixer
-from lm_eval_c3po.retrieve import (
-    bandwidth_from_neighbour_distances,
-    kernel_weights_from_cosine,
-)
+from lm_eval_c3po.retrieve import bandwidth_from_neighbour_distances, kernel_weights_from_cosine
 from lm_eval_c3po.routing import own_pathways, token_positions, token_slots
 from lm_eval_c3po.score import Example, causal_row, choice_loss
 from lm_eval_c3po.store import ReferenceStore, StoreMismatchError

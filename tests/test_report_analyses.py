@@ -12,13 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lm_eval_c3po.report import ReportError, plots, write_report
-from lm_eval_c3po.report.analyses import (
-    expert_coverage,
-    link_runs,
-    mean_cost,
-    step_accuracy,
-)
+from lm_eval_c3po.report import ReportError, write_report
+from lm_eval_c3po.report import plots
+from lm_eval_c3po.report.analyses import expert_coverage, link_runs, mean_cost, step_accuracy
 from lm_eval_c3po.report.diagnostics import group_by_run, load_diagnostics
 from lm_eval_c3po.report.results import load_runs
 

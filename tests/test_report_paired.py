@@ -15,12 +15,7 @@ import pytest
 from lm_eval_c3po.cli import main
 from lm_eval_c3po.report import ReportError, write_report
 from lm_eval_c3po.report.paired import (
-    Flips,
-    bootstrap_delta_interval,
-    combine,
-    count_flips,
-    mcnemar_exact,
-    paired_stats,
+    Flips, bootstrap_delta_interval, combine, count_flips, mcnemar_exact, paired_stats,
 )
 from lm_eval_c3po.report.paired_table import build_paired_table
 from lm_eval_c3po.report.results import load_runs

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from matplotlib.image import AxesImage
 
-from lm_eval_c3po.report import ReportError, plots, write_report
+from lm_eval_c3po.report import ReportError, write_report
+from lm_eval_c3po.report import plots
 from lm_eval_c3po.report.diagnostics import group_by_run, load_diagnostics, parse_record
 from lm_eval_c3po.report.results import load_runs
 from lm_eval_c3po.report.sweeps import find_sweeps

@@ -7,13 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lm_eval_c3po.store import (
-    ModelSignature,
-    ReferenceStore,
-    StoreWriter,
-    config_fingerprint,
-    tokenizer_fingerprint,
-)
+from lm_eval_c3po.store import ModelSignature, ReferenceStore, StoreWriter, config_fingerprint, tokenizer_fingerprint
 from lm_eval_c3po.store.synthetic import synthetic_manifest, synthetic_record
 
 L, E, D = 4, 8, 16

@@ -13,12 +13,7 @@ from pathlib import Path
 import pytest
 
 from lm_eval_c3po.cli import main as c3po
-from lm_eval_c3po.store import (
-    StoreIncompleteError,
-    StoreNotFoundError,
-    StoreWriter,
-    resolve_store,
-)
+from lm_eval_c3po.store import StoreIncompleteError, StoreNotFoundError, StoreWriter, resolve_store
 from lm_eval_c3po.store.hub import parse_hub_spec, push_store, store_files
 from lm_eval_c3po.store.synthetic import synthetic_manifest, synthetic_records
 

@@ -20,11 +20,7 @@ from lm_eval_c3po.store import (
     StoreLockedError,
     StoreWriter,
 )
-from lm_eval_c3po.store.synthetic import (
-    synthetic_manifest,
-    synthetic_record,
-    synthetic_records,
-)
+from lm_eval_c3po.store.synthetic import synthetic_manifest, synthetic_record, synthetic_records
 
 L, E, D = 4, 8, 16
 N, SHARD = 60, 8

@@ -130,13 +130,7 @@ def make_peft_model(model, settings: TrainSettings):
     PEFT's default init, without the reparametrisation MLP (the saved adapter
     is then exactly what is trained). PEFT freezes every base-model parameter.
     """
-    from peft import (
-        PrefixTuningConfig,
-        PromptTuningConfig,
-        PromptTuningInit,
-        TaskType,
-        get_peft_model,
-    )
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     torch.manual_seed(settings.seed)
     if settings.method == "prompt":

@@ -9,13 +9,7 @@
 """
 
 from lm_eval_c3po.remix.config import ANY_TASK, C3POConfig, C3POConfigError
-from lm_eval_c3po.remix.core_experts import (
-    check_pathway,
-    core_expert_mask,
-    free_mass,
-    project_free,
-    restrict_to_free,
-)
+from lm_eval_c3po.remix.core_experts import check_pathway, core_expert_mask, free_mass, project_free, restrict_to_free
 from lm_eval_c3po.remix.kernel_regression import (
     ALPHA_GRID,
     AlphaChoice,

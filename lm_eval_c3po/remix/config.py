@@ -20,12 +20,7 @@ import yaml
 from lm_eval_c3po.remix.methods import METHODS, MODE_NEIGHBOURHOODS
 from lm_eval_c3po.remix.ngd import SCHEDULES
 from lm_eval_c3po.retrieve import BANDWIDTH_RULES, DEFAULT_EMBEDDER, KERNEL_CHOICES
-from lm_eval_c3po.routing import (
-    DEFAULT_TOKENS,
-    RoutingController,
-    parse_layers,
-    validate_token_spec,
-)
+from lm_eval_c3po.routing import DEFAULT_TOKENS, RoutingController, parse_layers, validate_token_spec
 from lm_eval_c3po.score import OBJECTIVES
 
 DEFAULT_CORE_EXPERTS = 20

@@ -24,11 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lm_eval_c3po.remix.core_experts import (
-    check_free_mask,
-    check_pathway,
-    restrict_to_free,
-)
+from lm_eval_c3po.remix.core_experts import check_free_mask, check_pathway, restrict_to_free
 from lm_eval_c3po.remix.kernel_regression import weighted_average
 from lm_eval_c3po.retrieve.kernels import KernelSpec, kernel_weights
 

@@ -29,20 +29,8 @@ from lm_eval_c3po.remix.icl import demonstration_prefixes, with_prefixes
 from lm_eval_c3po.remix.methods import METHODS, Problem, Solution
 from lm_eval_c3po.remix.oracle import oracle_pathways
 from lm_eval_c3po.retrieve import Embedder, Neighbours, Retriever, as_kernel_spec
-from lm_eval_c3po.routing import (
-    RoutingController,
-    input_device,
-    own_pathways,
-    token_slots,
-)
-from lm_eval_c3po.score import (
-    ChoiceLoss,
-    Example,
-    PrefixCache,
-    TrieScorer,
-    choice_loss,
-    fast_path_applies,
-)
+from lm_eval_c3po.routing import RoutingController, input_device, own_pathways, token_slots
+from lm_eval_c3po.score import ChoiceLoss, Example, PrefixCache, TrieScorer, choice_loss, fast_path_applies
 from lm_eval_c3po.score.cost import CostMeter
 from lm_eval_c3po.store import ReferenceStore, lm_signature, resolve_store
 

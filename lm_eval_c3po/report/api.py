@@ -11,13 +11,7 @@ from lm_eval_c3po.report import figures, paired_table, plots
 from lm_eval_c3po.report.diagnostics import group_by_run
 from lm_eval_c3po.report.results import ReportError, load_runs
 from lm_eval_c3po.report.sweeps import find_sweeps
-from lm_eval_c3po.report.table import (
-    SUITE_GROUPS,
-    Table,
-    build_table,
-    to_csv,
-    to_markdown,
-)
+from lm_eval_c3po.report.table import SUITE_GROUPS, Table, build_table, to_csv, to_markdown
 from lm_eval_c3po.store._fs import atomic_write
 
 

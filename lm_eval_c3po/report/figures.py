@@ -17,12 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lm_eval_c3po.report import plots
-from lm_eval_c3po.report.analyses import (
-    coverage_of_records,
-    link_runs,
-    mean_cost,
-    step_accuracy,
-)
+from lm_eval_c3po.report.analyses import coverage_of_records, link_runs, mean_cost, step_accuracy
 from lm_eval_c3po.report.diagnostics import COST_PARTS, ContextDiagnostics
 from lm_eval_c3po.report.results import ReportError, Run
 from lm_eval_c3po.report.samples import Sample, join_runs, load_samples

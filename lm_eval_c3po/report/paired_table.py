@@ -15,13 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm_eval_c3po.report.paired import (
-    DEFAULT_REPLICATES,
-    DEFAULT_SEED,
-    PairedStats,
-    combine,
-    count_flips,
-)
+from lm_eval_c3po.report.paired import DEFAULT_REPLICATES, DEFAULT_SEED, PairedStats, combine, count_flips
 from lm_eval_c3po.report.results import ReportError, Run
 from lm_eval_c3po.report.samples import Joined, join_runs
 from lm_eval_c3po.report.table import Row, Table

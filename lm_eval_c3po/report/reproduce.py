@@ -18,13 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lm_eval_c3po.report.api import write_report
-from lm_eval_c3po.report.grid import (
-    RunSpec,
-    command_line,
-    expand,
-    load_grid,
-    stores_needed,
-)
+from lm_eval_c3po.report.grid import RunSpec, command_line, expand, load_grid, stores_needed
 from lm_eval_c3po.report.results import ReportError
 
 # The repository's task configs (the c3po_* benchmarks), when running from a checkout.

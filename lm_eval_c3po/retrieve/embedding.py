@@ -171,9 +171,7 @@ class Embedder:
 
     def __init__(self, name_or_path: str = DEFAULT_EMBEDDER, device: str = "cpu", batch_size: int = 64,
                  options: EmbedderOptions | None = None):
-        from sentence_transformers import (
-            SentenceTransformer,  # heavy: import only when embedding
-        )
+        from sentence_transformers import SentenceTransformer  # heavy: import only when embedding
 
         self.options = options = options or EmbedderOptions()
         name, source = _resolve(name_or_path)

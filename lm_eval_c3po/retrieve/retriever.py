@@ -21,12 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from lm_eval_c3po.retrieve.kernels import (
-    KernelSpec,
-    as_kernel_spec,
-    kernel_weights_from_cosine,
-    sphere_distance,
-)
+from lm_eval_c3po.retrieve.kernels import KernelSpec, as_kernel_spec, kernel_weights_from_cosine, sphere_distance
 from lm_eval_c3po.retrieve.neighbourhood import Neighbours, epsilon_ball, k_nearest
 from lm_eval_c3po.store import ReferenceStore
 

@@ -18,12 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lm_eval_c3po.routing.adapters import (
-    RouterAdapter,
-    RoutingKind,
-    detect_rule,
-    is_router,
-)
+from lm_eval_c3po.routing.adapters import RouterAdapter, RoutingKind, detect_rule, is_router
 from lm_eval_c3po.routing.families import family_of
 from lm_eval_c3po.routing.specs import token_positions
 

@@ -8,22 +8,10 @@
 - :mod:`.batch_hooks`: routing hooks around the padded batches lm-eval builds itself.
 """
 
-from lm_eval_c3po.score.batch_hooks import (
-    PathwayOverride,
-    Request,
-    RoutingRecorder,
-    RowPlan,
-)
+from lm_eval_c3po.score.batch_hooks import PathwayOverride, Request, RoutingRecorder, RowPlan
 from lm_eval_c3po.score.examples import Example, Row, causal_row, layout_rows
 from lm_eval_c3po.score.full_rows import FullRowScorer
-from lm_eval_c3po.score.loss import (
-    OBJECTIVES,
-    ChoiceLoss,
-    RowScorer,
-    choice_loss,
-    gold_only,
-    neighbourhood_loss,
-)
+from lm_eval_c3po.score.loss import OBJECTIVES, ChoiceLoss, RowScorer, choice_loss, gold_only, neighbourhood_loss
 from lm_eval_c3po.score.prefix_cache import PrefixCache
 from lm_eval_c3po.score.trie_scorer import TrieScorer, fast_path_applies
 

@@ -5,14 +5,7 @@ from __future__ import annotations
 import torch
 
 from lm_eval_c3po.routing import input_device
-from lm_eval_c3po.score.decoder import (
-    KV,
-    causal_segment,
-    empty_kv,
-    prefix_kv_after,
-    run_layers,
-    tree_mask,
-)
+from lm_eval_c3po.score.decoder import KV, causal_segment, empty_kv, prefix_kv_after, run_layers, tree_mask
 from lm_eval_c3po.score.first_layer import FirstCriticalLayer
 from lm_eval_c3po.score.packing import chunk_by_cost, pack_first_fit
 from lm_eval_c3po.score.prefix_cache import PreparedNeighbour

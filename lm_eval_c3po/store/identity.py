@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from lm_eval_c3po.store.signature import (
-    ModelSignature,
-    config_fingerprint,
-    tokenizer_fingerprint,
-)
+from lm_eval_c3po.store.signature import ModelSignature, config_fingerprint, tokenizer_fingerprint
 
 
 def model_signature(model, tokenizer, routing, model_id: str, revision: str | None) -> ModelSignature:

@@ -9,6 +9,7 @@ non-finite routing. The FAISS index is rebuilt from the embeddings at load
 from __future__ import annotations
 
 import logging
+
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -18,11 +19,7 @@ from typing import Any
 import numpy as np
 
 from lm_eval_c3po.store.columns import Columns
-from lm_eval_c3po.store.errors import (
-    EmptyStoreError,
-    StoreCorruptError,
-    StoreMismatchError,
-)
+from lm_eval_c3po.store.errors import EmptyStoreError, StoreCorruptError, StoreMismatchError
 from lm_eval_c3po.store.manifest import (
     MANIFEST_FILE,
     ShardInfo,

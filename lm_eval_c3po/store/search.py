@@ -38,11 +38,7 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
-from lm_eval_c3po.store.prefilter import (
-    MAX_SHARDS,
-    Int8Prefilter,
-    integer_kernel_is_exact,
-)
+from lm_eval_c3po.store.prefilter import MAX_SHARDS, Int8Prefilter, integer_kernel_is_exact
 
 DEFAULT_DEDUP = 0.95
 PREFILTER_MIN_ROWS = 10_000  # below this an exact scan takes ~1 ms: codes would save little

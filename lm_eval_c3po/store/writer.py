@@ -25,21 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from lm_eval_c3po.store._fs import (
-    LOCK_FILE,
-    DirLock,
-    atomic_write,
-    fsync_dir,
-    swap_in,
-    temp_files,
-)
+from lm_eval_c3po.store._fs import LOCK_FILE, DirLock, atomic_write, fsync_dir, swap_in, temp_files
 from lm_eval_c3po.store.columns import NORM_TOLERANCE, Columns, routing_shape
 from lm_eval_c3po.store.crash_points import crash_point
-from lm_eval_c3po.store.errors import (
-    EmptyStoreError,
-    StoreCorruptError,
-    StoreExistsError,
-)
+from lm_eval_c3po.store.errors import EmptyStoreError, StoreCorruptError, StoreExistsError
 from lm_eval_c3po.store.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -52,13 +41,7 @@ from lm_eval_c3po.store.manifest import (
     sum_sources,
 )
 from lm_eval_c3po.store.record import Record
-from lm_eval_c3po.store.shards import (
-    SHARD_DIR,
-    read_seen_ids,
-    read_shard,
-    shard_name,
-    write_shard,
-)
+from lm_eval_c3po.store.shards import SHARD_DIR, read_seen_ids, read_shard, shard_name, write_shard
 
 # Which docs a build keeps, by the model's correctness on them.
 KEEP_POLICIES: dict[str, Callable[[Record], bool]] = {
