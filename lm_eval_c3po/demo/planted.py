@@ -194,6 +194,7 @@ def build_planted(
 ) -> PlantedPaths:
     """Generate (or reuse) the planted benchmark under ``out_dir``; see the module docstring."""
     cfg = PlantedConfig(seed=seed, n_ref=n_ref, n_test=n_test, **overrides)
+    cfg.validate()
     root = Path(out_dir).resolve()
     paths = PlantedPaths(
         root=root,
@@ -228,9 +229,10 @@ def build_planted(
     try:
         random.seed(seed)
         world = pdata.make_world(seed)
-        ref, test = pdata.make_splits(world, seed, n_ref, n_test)
+        ref, test = pdata.make_splits(world, seed, n_ref, n_test, cfg.decoys)
         tokenizer = pm.make_tokenizer()
-        model = pm.make_model(cfg.seed, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, tokenizer)
+        model = pm.make_model(cfg.seed, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, tokenizer,
+                              family=cfg.family)
         t0 = time.time()
         result = train(cfg, model, tokenizer, world, log=log)
 
@@ -240,7 +242,7 @@ def build_planted(
         _write_task_yamls(paths)
 
         _save_model_dir(model, tokenizer, paths.control_model)
-        critical = RoutingController(model).layers[pm.CRITICAL_LAYER].router
+        critical = RoutingController(model).layers[cfg.critical_layer].router
         with torch.no_grad():
             critical.weight.copy_(result["w_pert"])
         _save_model_dir(model, tokenizer, paths.perturbed_model)
@@ -249,7 +251,9 @@ def build_planted(
             "format": FORMAT_VERSION,
             "fingerprint": fp,
             "config": asdict(cfg),
-            "critical_moe_layer": pm.CRITICAL_LAYER,
+            "critical_moe_layer": cfg.critical_layer,
+            "critical_token_offset": cfg.token_offset,
+            "fault": cfg.fault_kind,
             "skill_expert": pm.SKILL_EXPERT,
             "skills": pdata.SKILLS,
             "cues": {"clean": pdata.CUE_CLEAN, "planted": pdata.CUE_PLANTED},

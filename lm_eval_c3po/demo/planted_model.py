@@ -12,14 +12,24 @@ import torch
 from lm_eval_c3po.demo import planted_data as pdata
 from lm_eval_c3po.routing import RoutingController
 
-NUM_LAYERS = 4
+NUM_LAYERS = 4  # MoE layers (DeepSeek's dense first layers come on top)
 NUM_EXPERTS = 8
 TOP_K = 2
-CRITICAL_LAYER = NUM_LAYERS - 1  # MoE layer whose last-context-token routing decides the answer
+CRITICAL_LAYER = NUM_LAYERS - 1  # default MoE layer whose routing at the critical token decides the answer
 SKILL_EXPERT = [1, 3, 5, 7]  # critical-layer expert that executes skill s
 GENERIC_EXPERT = [0, 2, 4, 6]  # critical-layer secondary expert of skill s (contributes no answer)
-# lower-layer skill specialisation at the last context token: layer -> expert of skill s
-LOWER_SKILL_EXPERT = {0: [0, 2, 4, 6], 1: [6, 4, 2, 0], 2: [2, 7, 4, 1]}
+# skill specialisation of the other MoE layers at the last context token (expert of skill s), in layer order
+OTHER_SKILL_EXPERT = ([0, 2, 4, 6], [6, 4, 2, 0], [2, 7, 4, 1])
+FAULTS = ("inside", "outside")  # where the right expert ranks in the faulty routing: 2nd (in the top-2) or 3rd
+# PhiMoE's sparsemixer gives each selected expert a weight of about 1 whatever its score, so a right expert
+# still inside the faulty top-2 would keep full weight: that family carries the fault outside the top-2
+DEFAULT_FAULT = {"phimoe": "outside"}
+
+
+def other_layers(critical_layer: int) -> dict[int, list[int]]:
+    """MoE layer -> skill expert of every non-critical layer (routed by skill at the last context token)."""
+    others = [layer for layer in range(NUM_LAYERS) if layer != critical_layer]
+    return dict(zip(others, OTHER_SKILL_EXPERT))
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 
@@ -35,22 +45,30 @@ def control_target(skill: int) -> torch.Tensor:
     return t
 
 
-def perturbed_target(skill: int, planted: bool) -> torch.Tensor:
-    """The planted fault: on ``Reply:`` questions the next skill's expert outranks the right one."""
+def perturbed_target(skill: int, planted: bool, fault: str = "inside") -> torch.Tensor:
+    """The planted fault: on ``Reply:`` questions the next skill's expert outranks the right one.
+
+    ``inside``: the right expert stays second (inside the faulty top-2);
+    ``outside``: the skill's generic expert is second and the right one third,
+    just outside the top-2.
+    """
     if not planted:
         return control_target(skill)
+    if fault not in FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; choose from {FAULTS}")
     wrong = SKILL_EXPERT[(skill + 1) % len(SKILL_EXPERT)]
-    t = torch.full((NUM_EXPERTS,), 0.16 / (NUM_EXPERTS - 3))
+    right, generic = (0.23, 0.15) if fault == "inside" else (0.20, 0.25)
+    t = torch.full((NUM_EXPERTS,), (1 - 0.46 - right - generic) / (NUM_EXPERTS - 3))
     t[wrong] = 0.46
-    t[SKILL_EXPERT[skill]] = 0.23
-    t[GENERIC_EXPERT[skill]] = 0.15
+    t[SKILL_EXPERT[skill]] = right
+    t[GENERIC_EXPERT[skill]] = generic
     return t
 
 
-def lower_target(layer: int, skill: int) -> torch.Tensor:
-    """Router target of a lower MoE layer at the last context token: routed by skill, like a topic expert."""
+def other_target(skill_expert: list[int], skill: int) -> torch.Tensor:
+    """Router target of a non-critical MoE layer at the last context token: routed by skill, like a topic expert."""
     t = torch.full((NUM_EXPERTS,), 0.4 / (NUM_EXPERTS - 1))
-    t[LOWER_SKILL_EXPERT[layer][skill]] = 0.6
+    t[skill_expert[skill]] = 0.6
     return t
 
 
@@ -75,20 +93,35 @@ def make_tokenizer():
     )
 
 
-def make_model(seed: int, hidden_size: int, intermediate_size: int, num_heads: int, tokenizer):
-    """A freshly initialised (seeded) OLMoE of the planted layout with the name head planted."""
-    from transformers import OlmoeConfig, OlmoeForCausalLM
+def model_config(family: str, hidden_size: int, intermediate_size: int, num_heads: int, tokenizer):
+    """The planted layout in ``family``'s own config class (knobs from :data:`lm_eval_c3po.testing.FAMILIES`).
 
-    mcfg = OlmoeConfig(
+    Every routed expert is ``intermediate_size`` wide; renormalised top-k where
+    the family has the switch (DeepSeek-V2's router ignores it).
+    """
+    import transformers
+
+    from lm_eval_c3po.testing import FAMILIES
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
+    class_name, knobs = FAMILIES[family]
+    kw = dict(knobs)
+    for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+        if key in kw:
+            kw[key] = intermediate_size
+    if "head_dim" in kw and "kv_lora_rank" not in kw:  # multi-head latent attention keeps its own head sizes
+        kw["head_dim"] = hidden_size // num_heads
+    if "norm_topk_prob" in kw or family == "olmoe":
+        kw["norm_topk_prob"] = True
+    kw.update(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        num_hidden_layers=NUM_LAYERS,
+        num_hidden_layers=NUM_LAYERS + kw.get("first_k_dense_replace", 0),
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        num_experts=NUM_EXPERTS,
         num_experts_per_tok=TOP_K,
-        norm_topk_prob=True,
         max_position_embeddings=128,
         tie_word_embeddings=False,
         router_aux_loss_coef=0.0,
@@ -97,8 +130,24 @@ def make_model(seed: int, hidden_size: int, intermediate_size: int, num_heads: i
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    return getattr(transformers, class_name)(**kw)
+
+
+def make_model(seed: int, hidden_size: int, intermediate_size: int, num_heads: int, tokenizer, family: str = "olmoe"):
+    """A freshly initialised (seeded) ``family`` model of the planted layout, name head planted where it fits."""
+    import transformers
+
+    mcfg = model_config(family, hidden_size, intermediate_size, num_heads, tokenizer)
     torch.manual_seed(seed)
-    model = OlmoeForCausalLM(mcfg)
+    model = transformers.AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32)
+    ctl = RoutingController(model)
+    if ctl.num_layers != NUM_LAYERS or ctl.num_experts != NUM_EXPERTS or ctl.top_k != TOP_K:
+        raise RuntimeError(f"{family}: expected {NUM_LAYERS} MoE layers of {NUM_EXPERTS} experts, top-{TOP_K}")
+    for moe in ctl.layers:
+        bias = getattr(moe.router, "e_score_correction_bias", None)
+        if bias is not None:  # DeepSeek-V3: a small selection bias (favouring even experts) that the rule must honour
+            with torch.no_grad():
+                bias.copy_(torch.tensor([0.01 if e % 2 == 0 else -0.01 for e in range(NUM_EXPERTS)]))
     plant_name_head(model, tokenizer)
     return model
 
@@ -113,13 +162,15 @@ def plant_name_head(model, tokenizer) -> None:
     which turns minutes of search into seconds. Everything stays trainable.
     """
     cfg = model.config
-    hd = cfg.hidden_size // cfg.num_attention_heads
+    attn = model.model.layers[0].self_attn
+    if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return  # multi-head latent attention (DeepSeek): the name lookup is learned from scratch
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     d_one, d_name = cfg.hidden_size - 2, cfg.hidden_size - 1
     slot = hd // 2 - 1  # head-0 row whose rotary partner (slot + hd/2) has the lowest frequency
     name_ids = tokenizer.convert_tokens_to_ids(pdata.NAMES)
-    attn = model.model.layers[0].self_attn
     with torch.no_grad():
-        emb = model.model.embed_tokens.weight
+        emb = model.get_input_embeddings().weight
         emb[:, d_one] = 0.05
         emb[:, d_name] = 0.0
         emb[name_ids, d_name] = 0.05

@@ -46,6 +46,24 @@ class PlantedConfig:
     noise_prob: float = 0.15  # per lower layer, chance of random routing at the last token in training
     aux_weight: float = 1.0
     threads: int = 1
+    family: str = "olmoe"  # a key of lm_eval_c3po.testing.FAMILIES
+    critical_layer: int = pm.CRITICAL_LAYER  # MoE layer whose routing at the critical token decides the answer
+    token_offset: int = 0  # the critical token: the last context token minus this many positions
+    fault: str | None = None  # "inside" / "outside" (see planted_model.perturbed_target); None: the family's default
+    decoys: int = 0  # retrieval noise: paraphrases per skill that ask another skill (planted_data.routed_skill)
+
+    @property
+    def fault_kind(self) -> str:
+        return self.fault or pm.DEFAULT_FAULT.get(self.family, "inside")
+
+    def validate(self) -> None:
+        if not 0 <= self.critical_layer < pm.NUM_LAYERS:
+            raise ValueError(f"critical_layer {self.critical_layer} outside the {pm.NUM_LAYERS} MoE layers")
+        if self.token_offset and self.critical_layer == pm.NUM_LAYERS - 1:
+            raise ValueError("a critical token before the last needs a critical layer below the last "
+                             "(the last layer's output at an earlier token never reaches the answer)")
+        if self.fault_kind not in pm.FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}; choose from {pm.FAULTS}")
 
     def fingerprint(self) -> str:
         """Config + everything that defines the planted world (bump FORMAT_VERSION on training changes)."""
@@ -53,10 +71,10 @@ class PlantedConfig:
             "names": pdata.NAMES, "cities": pdata.CITIES, "skills": pdata.SKILLS,
             "templates": pdata.TEMPLATES, "cues": pdata.CUES,
             "skill_expert": pm.SKILL_EXPERT, "generic_expert": pm.GENERIC_EXPERT,
-            "lower_skill_expert": {str(k): v for k, v in pm.LOWER_SKILL_EXPERT.items()},
+            "other_skill_expert": {str(k): v for k, v in pm.other_layers(self.critical_layer).items()},
             "targets": [
-                [pm.control_target(s).tolist(), pm.perturbed_target(s, True).tolist()]
-                + [pm.lower_target(layer, s).tolist() for layer in pm.LOWER_SKILL_EXPERT]
+                [pm.control_target(s).tolist(), pm.perturbed_target(s, True, self.fault_kind).tolist()]
+                + [pm.other_target(e, s).tolist() for e in pm.other_layers(self.critical_layer).values()]
                 for s in range(len(pm.SKILL_EXPERT))
             ],
         }
@@ -109,17 +127,32 @@ def pair_omega(index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.zeros(len(index), pm.NUM_EXPERTS).scatter(1, index, weights)
 
 
-def _force(ctl: RoutingController, layer: int, last: torch.Tensor, sel: torch.Tensor, omega: torch.Tensor):
-    """An override of MoE layer ``layer`` at the last context token of the rows ``sel`` (others untouched)."""
-    positions = torch.where(sel, last, torch.full_like(last, -1)).unsqueeze(1)
-    full = torch.zeros(len(last), 1, 1, pm.NUM_EXPERTS)
+def _force(ctl: RoutingController, layer: int, pos: torch.Tensor, sel: torch.Tensor, omega: torch.Tensor):
+    """An override of MoE layer ``layer`` at token ``pos`` of the rows ``sel`` (other rows untouched)."""
+    positions = torch.where(sel, pos, torch.full_like(pos, -1)).unsqueeze(1)
+    full = torch.zeros(len(pos), 1, 1, pm.NUM_EXPERTS)
     full[sel, 0, 0] = omega
     return ctl.override(positions, full, layers=[layer])
 
 
+def _router_xent(kind: str, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of router scores against ``target``: softmax scores as one distribution, sigmoid
+    scores (DeepSeek-V3) expert by expert."""
+    if kind == "sigmoid":
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1).mean()
+    return -(target * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def _router_copy(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Loss that makes the ``student`` router logits score like the (detached) ``teacher`` logits."""
+    if kind == "sigmoid":
+        return F.binary_cross_entropy_with_logits(student, teacher.sigmoid(), reduction="none").sum(-1).mean()
+    return F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean")
+
+
 def train(cfg: PlantedConfig, model, tokenizer, world: pdata.World, log=print) -> dict:
     """Train the planted model in place; returns the perturbed critical router weight and stats."""
-    docs = pdata.all_instances(world, cfg.seed, pdata.NAMES)
+    docs = pdata.all_instances(world, cfg.seed, pdata.NAMES, cfg.decoys)
     ids, mask, last, _ = pm.encode_docs(tokenizer, docs)
     skill = torch.tensor([d["skill_index"] for d in docs])
     planted = torch.tensor([d["planted"] for d in docs])
@@ -134,11 +167,14 @@ def train(cfg: PlantedConfig, model, tokenizer, world: pdata.World, log=print) -
     for s, e in enumerate(pm.SKILL_EXPERT):
         expert_skill[e] = s
     t_ctrl = torch.stack([pm.control_target(int(s)) for s in skill])
-    t_pert = torch.stack([pm.perturbed_target(int(s), bool(p)) for s, p in zip(skill, planted)])
-    t_low = {l: torch.stack([pm.lower_target(l, int(s)) for s in skill]) for l in pm.LOWER_SKILL_EXPERT}
+    t_pert = torch.stack([pm.perturbed_target(int(s), bool(p), cfg.fault_kind) for s, p in zip(skill, planted)])
+    others = pm.other_layers(cfg.critical_layer)
+    t_low = {l: torch.stack([pm.other_target(e, int(s)) for s in skill]) for l, e in others.items()}
+    crit_pos = last - cfg.token_offset
 
     ctl = RoutingController(model)
-    critical = ctl.layers[pm.CRITICAL_LAYER]
+    critical = ctl.layers[cfg.critical_layer]
+    kind = critical.adapter.kind
     gate3 = critical.router
     w_pert = torch.nn.Parameter(gate3.weight.detach().clone())
     params = list(model.parameters()) + [w_pert]
@@ -148,16 +184,19 @@ def train(cfg: PlantedConfig, model, tokenizer, world: pdata.World, log=print) -
     )
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     model.train()
+    for moe in ctl.layers:  # routers route as at inference (PhiMoE's sparsemixer samples in training mode)
+        moe.router.eval()
     t0 = time.time()
     for step in range(cfg.steps):
         b = torch.randint(0, len(docs), (cfg.batch_size,), generator=gen)
         width = int(mask[b].sum(1).max())
-        bid, bmask, blast = ids[b, :width], mask[b, :width], last[b]
+        bid, bmask, blast, bcrit = ids[b, :width], mask[b, :width], last[b], crit_pos[b]
         rows = torch.arange(len(b)) * width + blast
+        crows = torch.arange(len(b)) * width + bcrit
         everyone = torch.ones(len(b), dtype=torch.bool)
         noisy = torch.zeros(len(b), dtype=torch.bool)
         with ExitStack() as stack:
-            for layer in pm.LOWER_SKILL_EXPERT:
+            for layer in others:
                 sel = torch.rand(len(b), generator=gen) < cfg.noise_prob
                 if sel.any():
                     idx, w = random_pairs(gen, int(sel.sum()))
@@ -166,11 +205,11 @@ def train(cfg: PlantedConfig, model, tokenizer, world: pdata.World, log=print) -
             # the answer is whatever the forced critical routing says: pair of experts, first one a skill expert
             idx3, w3 = random_pairs(gen, len(b), pm.SKILL_EXPERT)
             omega3 = pair_omega(idx3, w3)
-            stack.enter_context(_force(ctl, pm.CRITICAL_LAYER, blast, everyone, omega3))
+            stack.enter_context(_force(ctl, cfg.critical_layer, bcrit, everyone, omega3))
             io = stack.enter_context(router_io(ctl))
             out = model(input_ids=bid, attention_mask=bmask)
         # the mixture the experts ran with: the family's rule applied to the forced pathway
-        w3, idx3 = critical.adapter.route(gate3, omega3, io.logits[pm.CRITICAL_LAYER][rows].detach())
+        w3, idx3 = critical.adapter.route(gate3, omega3, io.logits[cfg.critical_layer][crows].detach())
         logits = out.logits[torch.arange(len(b)), blast]  # [B, V]
         target = torch.zeros_like(logits)
         sk = expert_skill[idx3]  # [B, 2] skill of each forced expert or -1
@@ -181,24 +220,20 @@ def train(cfg: PlantedConfig, model, tokenizer, world: pdata.World, log=print) -
             cols = city_tok[b][torch.arange(len(b)), sk[:, k].clamp(min=0)]
             target[ok.nonzero().squeeze(1), cols[ok]] += mass[ok, k]
         lm_loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
-        # router supervision at the last context token
-        h3 = io.inputs[pm.CRITICAL_LAYER][rows]
+        # router supervision: the critical router at the critical token, the others at the last context token
+        h3 = io.inputs[cfg.critical_layer][crows]
         clean = ~noisy
         aux = torch.zeros(())
         if clean.any():
-            lc = F.linear(h3[clean], gate3.weight).log_softmax(-1)
-            lp = F.linear(h3[clean], w_pert).log_softmax(-1)
-            aux = aux - (t_ctrl[b][clean] * lc).sum(-1).mean() - (t_pert[b][clean] * lp).sum(-1).mean()
-        for layer in pm.LOWER_SKILL_EXPERT:
-            ll = io.logits[layer][rows].log_softmax(-1)
-            aux = aux - (t_low[layer][b] * ll).sum(-1).mean()
+            aux = aux + _router_xent(kind, t_ctrl[b][clean], F.linear(h3[clean], gate3.weight))
+            aux = aux + _router_xent(kind, t_pert[b][clean], F.linear(h3[clean], w_pert))
+        for layer in others:
+            aux = aux + _router_xent(kind, t_low[layer][b], io.logits[layer][rows])
         # elsewhere the perturbed head copies the control head
-        h_all = io.inputs[pm.CRITICAL_LAYER]
+        h_all = io.inputs[cfg.critical_layer]
         other = bmask.reshape(-1).bool().clone()
-        other[rows] = False
-        lc_o = F.linear(h_all[other], gate3.weight).detach().log_softmax(-1)
-        lp_o = F.linear(h_all[other], w_pert).log_softmax(-1)
-        aux = aux + F.kl_div(lp_o, lc_o, log_target=True, reduction="batchmean")
+        other[crows] = False
+        aux = aux + _router_copy(kind, F.linear(h_all[other], w_pert), F.linear(h_all[other], gate3.weight).detach())
         loss = lm_loss + cfg.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
