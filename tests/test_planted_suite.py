@@ -139,3 +139,15 @@ def test_family_meets_the_targets(family):
     assert acc["ngd"] >= acc["base"] + 20, acc
     for method in ("mode_finding", "kernel_regression", "ngd"):
         assert loss[method] <= 2, (method, loss)
+
+
+def test_config_refuses_impossible_plants():
+    from lm_eval_c3po.demo.planted_train import PlantedConfig
+
+    for bad, message in (({"critical_layer": 4}, "outside the 4 MoE layers"),
+                         ({"token_offset": 1}, "needs a critical layer below the last"),
+                         ({"decoys": 6}, "use 0..5"), ({"fault": "sideways"}, "unknown fault")):
+        with pytest.raises(ValueError, match=message):
+            PlantedConfig(**bad).validate()
+    assert PlantedConfig(family="phimoe").fault_kind == "outside" and PlantedConfig().fault_kind == "inside"
+    PlantedConfig(critical_layer=2, token_offset=1, decoys=2).validate()

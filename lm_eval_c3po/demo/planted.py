@@ -103,10 +103,17 @@ It is idempotent: a matching ``out_dir/planted.json`` fingerprint is reused.
 control. ``c3po demo`` builds it and measures base, mode finding, kernel
 regression, NGD (through ``lm_eval --model c3po``) and the oracle on it.
 
+Other families and variants: ``family=`` builds the same layout in any
+family of :data:`lm_eval_c3po.testing.FAMILIES` (its own config class and
+router; DeepSeek's dense first layer comes on top of the four MoE layers), and
+``critical_layer``, ``token_offset``, ``fault`` and ``decoys`` move the fault
+or add retrieval noise (see :class:`~lm_eval_c3po.demo.planted_train.PlantedConfig`
+and :mod:`lm_eval_c3po.demo.suite`, which runs them all).
+
 Modules: :mod:`~lm_eval_c3po.demo.planted_data` (world and questions),
 :mod:`~lm_eval_c3po.demo.planted_model` (routing layout, targets, tokenizer,
 model, scoring), :mod:`~lm_eval_c3po.demo.planted_train` (training) and this
-one (build and export).
+one (build and export); :mod:`~lm_eval_c3po.demo.suite` runs the family/variant suite.
 """
 
 from __future__ import annotations

@@ -169,6 +169,9 @@ def plant_name_head(model, tokenizer) -> None:
     d_one, d_name = cfg.hidden_size - 2, cfg.hidden_size - 1
     slot = hd // 2 - 1  # head-0 row whose rotary partner (slot + hd/2) has the lowest frequency
     name_ids = tokenizer.convert_tokens_to_ids(pdata.NAMES)
+    # OLMoE, Qwen3-MoE and GraniteMoE (no 1/sqrt(d) scaling) sharpen the match on their own; without q/k
+    # norms (Qwen2-MoE, Mixtral, PhiMoE) a unit weight leaves the name about a third of the attention
+    gain = 1.0 if hasattr(attn, "q_norm") or getattr(cfg, "attention_multiplier", None) else 3.0
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
         emb[:, d_one] = 0.05
@@ -177,7 +180,7 @@ def plant_name_head(model, tokenizer) -> None:
         for proj, src in ((attn.q_proj, d_one), (attn.k_proj, d_name)):
             proj.weight[slot].zero_()
             proj.weight[slot + hd // 2].zero_()
-            proj.weight[slot, src] = 1.0
+            proj.weight[slot, src] = gain
         attn.v_proj.weight[:hd] *= 3.0
         attn.o_proj.weight[:, :hd] *= 3.0
 

@@ -62,6 +62,9 @@ class PlantedConfig:
         if self.token_offset and self.critical_layer == pm.NUM_LAYERS - 1:
             raise ValueError("a critical token before the last needs a critical layer below the last "
                              "(the last layer's output at an earlier token never reaches the answer)")
+        n_templates = min(len(t) for t in pdata.TEMPLATES.values())
+        if not 0 <= self.decoys < n_templates:
+            raise ValueError(f"decoys={self.decoys}: use 0..{n_templates - 1} of the {n_templates} paraphrases per skill")
         if self.fault_kind not in pm.FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; choose from {pm.FAULTS}")
 
