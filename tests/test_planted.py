@@ -9,6 +9,8 @@ import torch
 
 from lm_eval_c3po.demo import planted as P
 from lm_eval_c3po.demo import planted_data as D
+from lm_eval_c3po.demo import planted_model as M
+from lm_eval_c3po.demo.planted_train import PlantedConfig
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +55,7 @@ def test_build_is_deterministic_and_idempotent(tmp_path):
     assert again.info["fingerprint"] == a.info["fingerprint"]
     # another seed is another benchmark (and another fingerprint)
     assert D.make_splits(D.make_world(4), 4, 16, 16) != D.make_splits(D.make_world(3), 3, 16, 16)
-    assert P.PlantedConfig(seed=4).fingerprint() != P.PlantedConfig(seed=3).fingerprint()
+    assert PlantedConfig(seed=4).fingerprint() != PlantedConfig(seed=3).fingerprint()
 
 
 def test_splits_are_disjoint_and_balanced():
@@ -91,7 +93,7 @@ def test_model_dirs_load_offline_and_differ_only_in_the_critical_router(small):
     assert type(pert).__name__ == "OlmoeForCausalLM"
     sp, sc = pert.state_dict(), ctrl.state_dict()
     differ = [k for k in sp if not torch.equal(sp[k], sc[k])]
-    assert differ == [f"model.layers.{P.CRITICAL_LAYER}.mlp.gate.weight"]
+    assert differ == [f"model.layers.{M.CRITICAL_LAYER}.mlp.gate.weight"]
     assert tok(" Paris", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("Paris")]
     task = (small.task_dir / "planted_test.yaml").read_text()
     assert "multiple_choice" in task and str(small.test_jsonl) in task
@@ -101,19 +103,19 @@ def test_perturbed_routing_differs_exactly_on_the_planted_subset(small):
     docs = P.load_split(small.ref_jsonl) + P.load_split(small.test_jsonl)
     planted = torch.tensor([d["planted"] for d in docs])
     skill = torch.tensor([d["skill_index"] for d in docs])
-    experts = torch.tensor(P.SKILL_EXPERT)
+    experts = torch.tensor(M.SKILL_EXPERT)
     routes = {}
     for which, path in (("perturbed", small.perturbed_model), ("control", small.control_model)):
         model, tok = load(path)
-        routes[which] = P.last_token_routing(model, tok, docs)  # [N, L, E]
+        routes[which] = M.last_token_routing(model, tok, docs)  # [N, L, E]
     rp, rc = routes["perturbed"], routes["control"]
-    assert torch.equal(rp[:, : P.CRITICAL_LAYER], rc[:, : P.CRITICAL_LAYER])
-    top_p, top_c = rp[:, P.CRITICAL_LAYER].argmax(-1), rc[:, P.CRITICAL_LAYER].argmax(-1)
+    assert torch.equal(rp[:, : M.CRITICAL_LAYER], rc[:, : M.CRITICAL_LAYER])
+    top_p, top_c = rp[:, M.CRITICAL_LAYER].argmax(-1), rc[:, M.CRITICAL_LAYER].argmax(-1)
     assert torch.equal(top_p != top_c, planted)
     assert torch.equal(top_c, experts[skill])
     assert torch.equal(top_p[planted], experts[(skill[planted] + 1) % len(experts)])
     # the right expert stays in the faulty top-2, so gradient methods can reach it
-    top2 = rp[planted, P.CRITICAL_LAYER].topk(2, -1).indices
+    top2 = rp[planted, M.CRITICAL_LAYER].topk(2, -1).indices
     assert bool((top2 == experts[skill[planted]][:, None]).any(1).all())
 
 
@@ -125,7 +127,7 @@ def test_base_oracle_gap(small):
     accuracy = {}
     for which, path in (("perturbed", small.perturbed_model), ("control", small.control_model)):
         lm = C3POLM(pretrained=str(path), device="cpu", dtype="float32", batch_size=32)
-        accuracy[which] = P.accuracy(P.choice_scores(lm.model, lm.tokenizer, test), test)
+        accuracy[which] = M.accuracy(M.choice_scores(lm.model, lm.tokenizer, test), test)
         if which == "perturbed":
             oracle = oracle_accuracy(lm, test, layers="2+3")
     assert accuracy["perturbed"] <= 0.7

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     parser.add_argument("--no-oracle", dest="oracle", action="store_false", help="skip the oracle upper bound")
     parser.add_argument("--limit", type=int, default=None, help="test questions per run (default: all 240)")
+    parser.add_argument("--suite", default=None,
+                        help="run the family/variant suite instead: all, families, variants, or comma-separated "
+                             "row or build names (see lm_eval_c3po/demo/suite.py); resumable, writes OUT/suite/")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # a 4-layer, 64-wide model: threads cost more than they give
     out = Path(args.out).resolve()
+    if args.suite:
+        from lm_eval_c3po.demo.suite import run_suite
+
+        run_suite(args.suite, out, args.seed, args.limit)
+        return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -77,30 +85,43 @@ def _build_store(model_dir: Path, task_dir: Path, store: Path) -> Path:
 
 
 def _evaluate(model_dir, store, task_dir, out: Path, variant: str, method: str, args):
+    row, result_file, diag, _ = evaluate_method(model_dir, store, task_dir, out / "results" / f"{variant}-{method}",
+                                                out / "diagnostics" / f"{variant}-{method}.jsonl", method,
+                                                args.seed, args.limit)
+    return {"variant": variant, **row}, result_file, diag
+
+
+def evaluate_method(model_dir, store, task_dir, results_dir: Path, diag: Path, method: str, seed: int,
+                    limit: int | None, **options) -> tuple[dict, Path, Path | None, list[bool]]:
+    """One ``lm_eval --model c3po`` run on ``planted_test``: its row, results file, diagnostics and per-question
+    correctness (in document order). ``options`` are extra ``--model c3po`` options (``layers``, ``tokens``)."""
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
 
-    diag = out / "diagnostics" / f"{variant}-{method}.jsonl" if method != "base" else None
+    diag = diag if method != "base" else None
     if diag is not None and diag.exists():
         diag.unlink()
-    model_args = f"pretrained={model_dir},dtype=float32,method={method},seed={args.seed}"
+    model_args = f"pretrained={model_dir},dtype=float32,method={method},seed={seed}"
     if method != "base":
         model_args += f",reference={store},diagnostics={diag}"
+        model_args += "".join(f",{key}={value}" for key, value in sorted(options.items()))
     start = time.perf_counter()
     results = simple_evaluate(model="c3po", model_args=model_args, tasks=["planted_test"],
                               task_manager=TaskManager(include_path=str(task_dir)), device="cpu", batch_size=32,
-                              limit=args.limit, random_seed=args.seed, numpy_random_seed=args.seed,
-                              torch_random_seed=args.seed)
+                              limit=limit, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              log_samples=True)
     seconds = time.perf_counter() - start
-    tracker = EvaluationTracker(output_path=str(out / "results" / f"{variant}-{method}"))
+    tracker = EvaluationTracker(output_path=str(results_dir))
     tracker.general_config_tracker.model_name = "c3po"
     tracker.save_results_aggregated(results=results, samples=None)
-    (result_file,) = sorted((out / "results" / f"{variant}-{method}").rglob("results_*.json"))[-1:]
+    (result_file,) = sorted(results_dir.rglob("results_*.json"))[-1:]
     metrics = results["results"]["planted_test"]
-    return ({"variant": variant, "method": method, "acc": metrics["acc,none"],
-             "stderr": metrics["acc_stderr,none"], "n": results["n-samples"]["planted_test"]["effective"],
-             "seconds": round(seconds, 1)}, result_file, diag)
+    samples = sorted(results["samples"]["planted_test"], key=lambda sample: sample["doc_id"])
+    correct = [bool(sample["acc"]) for sample in samples]
+    return ({"method": method, "acc": metrics["acc,none"], "stderr": metrics["acc_stderr,none"],
+             "n": results["n-samples"]["planted_test"]["effective"], "seconds": round(seconds, 1)},
+            result_file, diag, correct)
 
 
 def _oracle(model_dir, test_jsonl: Path, variant: str, limit: int | None) -> dict:
@@ -121,6 +142,12 @@ def oracle_accuracy(lm, docs: list[dict], batch: int = 32, **options) -> float:
     ``docs`` hold ``context``, ``choices`` and ``gold``; choices are continuations after a space.
     ``options`` are ``--model c3po`` options (steps, layers, ...).
     """
+    correct = oracle_correct(lm, docs, batch, **options)
+    return sum(correct) / len(correct)
+
+
+def oracle_correct(lm, docs: list[dict], batch: int = 32, **options) -> list[bool]:
+    """Per question of ``docs``: is it answered right with its oracle pathway (see :func:`oracle_accuracy`)?"""
     from lm_eval_c3po.lm_eval_model import score_with_pathways
     from lm_eval_c3po.remix import C3POConfig, oracle_pathways
     from lm_eval_c3po.score import Example
@@ -137,12 +164,12 @@ def oracle_accuracy(lm, docs: list[dict], batch: int = 32, **options) -> float:
         omega = oracle_pathways(lm.model, lm.routing, config, chunk, lm.max_length)
         pathways.update({tuple(ex.context): omega[b].unsqueeze(0) for b, ex in enumerate(chunk)})
     scores = [r[0] for r in score_with_pathways(lm, requests, pathways, layers=config.layer_ids)]
-    correct, cursor = 0, 0
+    correct, cursor = [], 0
     for doc in docs:
         n = len(doc["choices"])
-        correct += max(range(n), key=lambda i: scores[cursor + i]) == int(doc["gold"])
+        correct.append(max(range(n), key=lambda i: scores[cursor + i]) == int(doc["gold"]))
         cursor += n
-    return correct / len(docs)
+    return correct
 
 
 def format_table(rows: list[dict]) -> str:

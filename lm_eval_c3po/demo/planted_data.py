@@ -92,21 +92,35 @@ def make_world(seed: int) -> World:
     return World(cities)
 
 
-def all_instances(world: World, seed: int, names: list[str]) -> list[dict]:
+def routed_skill(skill: int, template: int, decoys: int) -> int:
+    """The skill a question is *about* (and routed as): its text's skill, except for decoy paraphrases.
+
+    With ``decoys = d`` the last ``d`` paraphrases of every skill ask, despite
+    their wording, for the skill two places on (``(s + 2) % 4``): text
+    neighbours of a question then include references whose pathway (and gold
+    answer) is another skill's. ``decoys = 0`` is the plain benchmark.
+    """
+    n = len(TEMPLATES[SKILLS[skill]])
+    return (skill + 2) % len(SKILLS) if template >= n - decoys else skill
+
+
+def all_instances(world: World, seed: int, names: list[str], decoys: int = 0) -> list[dict]:
     """Every (person, skill, paraphrase, cue) question about ``names`` as an lm-eval doc."""
     docs = []
     for name in names:
-        for s_idx, skill in enumerate(SKILLS):
-            for t_idx, template in enumerate(TEMPLATES[skill]):
+        for text_idx, text_skill in enumerate(SKILLS):
+            for t_idx, template in enumerate(TEMPLATES[text_skill]):
+                s_idx = routed_skill(text_idx, t_idx, decoys)
+                skill = SKILLS[s_idx]
                 for c_idx, cue in enumerate(CUES):
                     question = template.format(X=name)
-                    rng = random.Random(f"planted-choices-{seed}-{name}-{skill}-{t_idx}-{c_idx}")
+                    rng = random.Random(f"planted-choices-{seed}-{name}-{text_skill}-{t_idx}-{c_idx}")
                     choices = [world.cities[name][s] for s in SKILLS]
                     rng.shuffle(choices)
                     gold_city = world.cities[name][skill]
                     docs.append(
                         {
-                            "id": f"{name}-{skill}-{t_idx}-{c_idx}",
+                            "id": f"{name}-{text_skill}-{t_idx}-{c_idx}",
                             "question": question,
                             "context": f"{question}\n{cue}",
                             "choices": choices,
@@ -117,16 +131,23 @@ def all_instances(world: World, seed: int, names: list[str]) -> list[dict]:
                             "template": t_idx,
                             "cue": cue,
                             "planted": bool(c_idx == 1),
+                            **({"decoy": s_idx != text_idx} if decoys else {}),
                         }
                     )
     return docs
 
 
-def make_splits(world: World, seed: int, n_ref: int, n_test: int) -> tuple[list[dict], list[dict]]:
-    """Reference and test docs: disjoint people, stratified over skill x cue."""
+def make_splits(
+    world: World, seed: int, n_ref: int, n_test: int, decoys: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """Reference and test docs: disjoint people, stratified over skill x cue.
+
+    Decoy paraphrases (see :func:`routed_skill`) are asked only in the
+    reference split: they are the retrieval noise, not test questions.
+    """
     half = len(NAMES) // 2
-    ref_pool = all_instances(world, seed, NAMES[:half])
-    test_pool = all_instances(world, seed, NAMES[half:])
+    ref_pool = all_instances(world, seed, NAMES[:half], decoys)
+    test_pool = [d for d in all_instances(world, seed, NAMES[half:], decoys) if not d.get("decoy")]
 
     def draw(pool: list[dict], n: int, tag: str) -> list[dict]:
         if n > len(pool):
