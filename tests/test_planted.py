@@ -120,7 +120,7 @@ def test_perturbed_routing_differs_exactly_on_the_planted_subset(small):
 
 
 def test_base_oracle_gap(small):
-    from lm_eval_c3po.demo.cli import oracle_accuracy
+    from lm_eval_c3po.demo.runs import oracle_accuracy
     from lm_eval_c3po.lm_eval_model import C3POLM
 
     test = P.load_split(small.test_jsonl)[:32]

@@ -107,12 +107,12 @@ def test_suite_names():
 def test_a_non_olmoe_family_is_repaired_end_to_end(tmp_path):
     """Qwen3-MoE (per-head q/k norms, its own config class) planted at a small size: NGD beats base through
     `c3po build-reference` and `lm_eval --model c3po`."""
-    from lm_eval_c3po.demo.cli import _build_store, evaluate_method
+    from lm_eval_c3po.demo.runs import build_store, evaluate_method
     from lm_eval_c3po.demo.planted import build_planted
 
     paths = build_planted(tmp_path / "p", n_ref=96, n_test=48, steps=300, family="qwen3_moe", log=lambda *_: None)
     assert json.loads((paths.perturbed_model / "config.json").read_text())["model_type"] == "qwen3_moe"
-    store = _build_store(paths.perturbed_model, paths.task_dir, tmp_path / "refs")
+    store = build_store(paths.perturbed_model, paths.task_dir, tmp_path / "refs")
     acc = {}
     for method in ("base", "ngd"):
         row, *_ = evaluate_method(paths.perturbed_model, store, paths.task_dir, tmp_path / method,

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm_eval_c3po.testing import FAMILIES
+from lm_eval_c3po.routing import FAMILIES
 
 METHODS = ("base", "mode_finding", "kernel_regression", "ngd", "oracle")
 
@@ -93,7 +93,7 @@ def _slug(options: dict) -> str:
 
 def run_suite(spec: str, out: Path, seed: int, limit: int | None, log=print) -> list[dict]:
     """Run (or resume) the suite rows of ``spec`` under ``out / 'suite'``; returns the table's records."""
-    from lm_eval_c3po.demo.cli import _build_store, evaluate_method
+    from lm_eval_c3po.demo.runs import build_store, evaluate_method
     from lm_eval_c3po.demo.planted import build_planted
     from lm_eval_c3po.store._fs import atomic_write
 
@@ -121,7 +121,7 @@ def run_suite(spec: str, out: Path, seed: int, limit: int | None, log=print) -> 
                     if method == "oracle":
                         cell = _oracle_cell(model_dir, paths.test_jsonl, limit, opts)
                     else:
-                        store = store or _build_store(model_dir, paths.task_dir, build_dir / f"refs-{variant}")
+                        store = store or build_store(model_dir, paths.task_dir, build_dir / f"refs-{variant}")
                         tag = f"{variant}-{method}{_slug(opts)}"
                         r, result_file, _, correct = evaluate_method(
                             model_dir, store, paths.task_dir, build_dir / "results" / tag,
@@ -146,7 +146,7 @@ def run_suite(spec: str, out: Path, seed: int, limit: int | None, log=print) -> 
 
 
 def _oracle_cell(model_dir: Path, test_jsonl: Path, limit: int | None, options: dict) -> dict:
-    from lm_eval_c3po.demo.cli import oracle_correct
+    from lm_eval_c3po.demo.runs import oracle_correct
     from lm_eval_c3po.lm_eval_model import C3POLM
 
     start = time.perf_counter()
