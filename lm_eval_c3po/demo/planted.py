@@ -104,7 +104,7 @@ control. ``c3po demo`` builds it and measures base, mode finding, kernel
 regression, NGD (through ``lm_eval --model c3po``) and the oracle on it.
 
 Other families and variants: ``family=`` builds the same layout in any
-family of :data:`lm_eval_c3po.testing.FAMILIES` (its own config class and
+family of :data:`lm_eval_c3po.routing.FAMILIES` (its own config class and
 router; DeepSeek's dense first layer comes on top of the four MoE layers), and
 ``critical_layer``, ``token_offset``, ``fault`` and ``decoys`` move the fault
 or add retrieval noise (see :class:`~lm_eval_c3po.demo.planted_train.PlantedConfig`

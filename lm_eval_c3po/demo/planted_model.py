@@ -94,18 +94,18 @@ def make_tokenizer():
 
 
 def model_config(family: str, hidden_size: int, intermediate_size: int, num_heads: int, tokenizer):
-    """The planted layout in ``family``'s own config class (knobs from :data:`lm_eval_c3po.testing.FAMILIES`).
+    """The planted layout in ``family``'s own config class (knobs from :data:`lm_eval_c3po.routing.FAMILIES`).
 
     Every routed expert is ``intermediate_size`` wide; renormalised top-k where
     the family has the switch (DeepSeek-V2's router ignores it).
     """
     import transformers
 
-    from lm_eval_c3po.testing import FAMILIES
+    from lm_eval_c3po.routing import FAMILIES
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
-    class_name, knobs = FAMILIES[family]
+    class_name, knobs = FAMILIES[family].config_class, FAMILIES[family].tiny
     kw = dict(knobs)
     for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
         if key in kw:

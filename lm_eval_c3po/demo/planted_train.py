@@ -46,7 +46,7 @@ class PlantedConfig:
     noise_prob: float = 0.15  # per lower layer, chance of random routing at the last token in training
     aux_weight: float = 1.0
     threads: int = 1
-    family: str = "olmoe"  # a key of lm_eval_c3po.testing.FAMILIES
+    family: str = "olmoe"  # a key of lm_eval_c3po.routing.FAMILIES
     critical_layer: int = pm.CRITICAL_LAYER  # MoE layer whose routing at the critical token decides the answer
     token_offset: int = 0  # the critical token: the last context token minus this many positions
     fault: str | None = None  # "inside" / "outside" (see planted_model.perturbed_target); None: the family's default
