@@ -6,14 +6,15 @@ import time
 from pathlib import Path
 
 
-def build_store(model_dir: Path, task_dir: Path, store: Path) -> Path:
-    """``c3po build-reference`` of the planted reference split into ``store`` (kept when it exists)."""
+def build_store(model_dir: Path, task_dir: Path, store: Path, tokens: str = "last") -> Path:
+    """``c3po build-reference`` of the planted reference split into ``store`` (kept when it exists), with the
+    routing of the token slots ``tokens`` (what the runs on it re-mix)."""
     from lm_eval_c3po.cli import main as c3po
 
     if not (store / "manifest.json").exists():
         code = c3po(["build-reference", "--model", str(model_dir), "--model_args", "dtype=float32",
                      "--device", "cpu", "--batch_size", "32", "--tasks", "planted_ref",
-                     "--include_path", str(task_dir), "--out", str(store)])
+                     "--include_path", str(task_dir), "--tokens", tokens, "--out", str(store)])
         if code:
             raise SystemExit(f"c3po demo: building the reference store failed (exit {code})")
     return store

@@ -121,7 +121,10 @@ def run_suite(spec: str, out: Path, seed: int, limit: int | None, log=print) -> 
                     if method == "oracle":
                         cell = _oracle_cell(model_dir, paths.test_jsonl, limit, opts)
                     else:
-                        store = store or build_store(model_dir, paths.task_dir, build_dir / f"refs-{variant}")
+                        tokens = "+".join(sorted({r.options["tokens"] for r in ROWS.values()
+                                                  if r.build == row.build and "tokens" in r.options})) or "last"
+                        store = store or build_store(model_dir, paths.task_dir,
+                                                     build_dir / f"refs-{variant}-{tokens}", tokens)
                         tag = f"{variant}-{method}{_slug(opts)}"
                         r, result_file, _, correct = evaluate_method(
                             model_dir, store, paths.task_dir, build_dir / "results" / tag,
