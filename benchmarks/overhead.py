@@ -11,7 +11,7 @@ synthetic set. Each configuration evaluates the same task with the same
     mode_finding  retrieval + mean shift in pathway space
     kernel_regression  retrieval + the 11-candidate alpha grid on the neighbourhood loss
     ngd           retrieval + 10 NGD steps on the neighbourhood loss (prefix-cached loss)
-    ngd_naive     the same NGD with the reference ChoiceLoss (full model per call)
+    ngd_naive     the same NGD on the reference scorer (FullRowScorer: the full model per call)
 
 Targets (ratios to hf, 2 CPU cores): ngd <= 3.0 (stretch 2.0), kernel_regression
 <= 1.5, mode_finding <= 1.3, base <= 1.05, ngd_naive / ngd >= 5. Per run it also
