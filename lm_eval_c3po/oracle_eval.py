@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lm_eval_c3po.lm_eval_model import C3POLM, score_with_pathways
-from lm_eval_c3po.remix import oracle_pathways
+from lm_eval_c3po.remix import oracle_pathways_by_context
 from lm_eval_c3po.score import Example
 
 UPPER_BOUND_KEY = "c3po"
@@ -51,12 +51,8 @@ class OracleLM(C3POLM):
                                  "partial scoring): the oracle optimises one context's pathway and does not apply")
             pairs = [self._encode_pair(*req.args) for req in members]
             examples.append(Example(pairs[0][0], [cont for _, cont in pairs], self.golds[(task, doc_id)]))
-        pathways = {}
-        size = self.c3po.remix_batch_size
-        for start in range(0, len(examples), size):
-            batch = examples[start:start + size]
-            omega = oracle_pathways(self.model, self.routing, self.c3po, batch, self.max_length, self.softmax_dtype)
-            pathways.update({tuple(ex.context): omega[b].unsqueeze(0) for b, ex in enumerate(batch)})
+        pathways = oracle_pathways_by_context(self.model, self.routing, self.c3po, examples, self.max_length,
+                                              self.c3po.remix_batch_size, self.softmax_dtype)
         tokenized = [(req.args, *self._encode_pair(*req.args)) for req in requests]
         return score_with_pathways(self, tokenized, pathways)
 

@@ -13,13 +13,7 @@ from lm_eval_c3po.demo import planted_model as M
 from lm_eval_c3po.demo.planted_train import PlantedConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The planted model is tiny: with two threads on a busy machine an oracle step takes 100x longer."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _files(root):

@@ -17,12 +17,7 @@ from lm_eval_c3po.routing import RoutingController
 from lm_eval_c3po.testing import FAMILIES, make_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "phimoe"])

@@ -66,7 +66,7 @@ def oracle_accuracy(lm, docs: list[dict], batch: int = 32, **options) -> float:
 def oracle_correct(lm, docs: list[dict], batch: int = 32, **options) -> list[bool]:
     """Per question of ``docs``: is it answered right with its oracle pathway (see :func:`oracle_accuracy`)?"""
     from lm_eval_c3po.lm_eval_model import score_with_pathways
-    from lm_eval_c3po.remix import C3POConfig, oracle_pathways
+    from lm_eval_c3po.remix import C3POConfig, oracle_pathways_by_context
     from lm_eval_c3po.score import Example
 
     config = C3POConfig.from_model_args(options).resolved_for(lm.routing)
@@ -75,11 +75,7 @@ def oracle_correct(lm, docs: list[dict], batch: int = 32, **options) -> list[boo
         pairs = [((doc["context"], " " + c), *lm._encode_pair(doc["context"], " " + c)) for c in doc["choices"]]
         requests.extend(pairs)
         examples.append(Example(pairs[0][1], [p[2] for p in pairs], int(doc["gold"])))
-    pathways = {}
-    for at in range(0, len(examples), batch):
-        chunk = examples[at:at + batch]
-        omega = oracle_pathways(lm.model, lm.routing, config, chunk, lm.max_length)
-        pathways.update({tuple(ex.context): omega[b].unsqueeze(0) for b, ex in enumerate(chunk)})
+    pathways = oracle_pathways_by_context(lm.model, lm.routing, config, examples, lm.max_length, batch)
     scores = [r[0] for r in score_with_pathways(lm, requests, pathways, layers=config.layer_ids)]
     correct, cursor = [], 0
     for doc in docs:

@@ -21,7 +21,7 @@ from lm_eval_c3po.remix.kernel_regression import (
 from lm_eval_c3po.remix.methods import METHODS, Method, Problem, Solution
 from lm_eval_c3po.remix.mode_finding import MeanShiftResult, mean_shift
 from lm_eval_c3po.remix.ngd import SCHEDULES, NGDResult, lr_at, optimise_pathway
-from lm_eval_c3po.remix.oracle import oracle_pathways
+from lm_eval_c3po.remix.oracle import oracle_pathways, oracle_pathways_by_context
 from lm_eval_c3po.remix.remixer import Remixer
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "mean_shift",
     "optimise_pathway",
     "oracle_pathways",
+    "oracle_pathways_by_context",
     "project_free",
     "restrict_to_free",
     "weighted_average",

@@ -25,3 +25,16 @@ def oracle_pathways(model, routing: RoutingController, config: C3POConfig, examp
     loss = choice_loss(model, routing, config.layer_ids, config.tokens, [[ex] for ex in examples],
                        torch.ones(len(examples), 1), max_length, objective=config.loss, softmax_dtype=softmax_dtype)
     return descend(omega0, free, loss, config, routing.routing_kind == "softmax").omega
+
+
+def oracle_pathways_by_context(model, routing: RoutingController, config: C3POConfig, examples: Sequence[Example],
+                               max_length: int, batch_size: int, softmax_dtype: torch.dtype | None = None
+                               ) -> dict[tuple[int, ...], torch.Tensor]:
+    """Each example's oracle pathway ``[1, P * L_crit, E]`` keyed by its context ids (what
+    :class:`~lm_eval_c3po.score.PathwayOverride` takes), ``batch_size`` examples per descent."""
+    out: dict[tuple[int, ...], torch.Tensor] = {}
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        omega = oracle_pathways(model, routing, config, batch, max_length, softmax_dtype)
+        out.update({tuple(ex.context): omega[b].unsqueeze(0) for b, ex in enumerate(batch)})
+    return out
