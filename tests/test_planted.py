@@ -113,8 +113,9 @@ def test_perturbed_routing_differs_exactly_on_the_planted_subset(small):
     assert bool((top2 == experts[skill[planted]][:, None]).any(1).all())
 
 
-def test_base_oracle_gap(small):
-    from lm_eval_c3po.demo.runs import oracle_accuracy
+def test_base_oracle_gap(small, tmp_path):
+    """The oracle through `c3po oracle` (lm-eval's requests and scoring) closes the planted gap."""
+    from lm_eval_c3po.demo.runs import Bench, run_method
     from lm_eval_c3po.lm_eval_model import C3POLM
 
     test = P.load_split(small.test_jsonl)[:32]
@@ -122,18 +123,17 @@ def test_base_oracle_gap(small):
     for which, path in (("perturbed", small.perturbed_model), ("control", small.control_model)):
         lm = C3POLM(pretrained=str(path), device="cpu", dtype="float32", batch_size=32)
         accuracy[which] = M.accuracy(M.choice_scores(lm.model, lm.tokenizer, test), test)
-        if which == "perturbed":
-            oracle = oracle_accuracy(lm, test, layers="2+3")
+    oracle = run_method(Bench(small.perturbed_model, small.task_dir, tmp_path, limit=32), "oracle", "oracle",
+                        layers="2+3")
+    assert oracle.n == 32 and json.loads(oracle.results_file.read_text())["c3po"]["upper_bound"] is True
     assert accuracy["perturbed"] <= 0.7
-    assert oracle >= accuracy["perturbed"] + 0.25
+    assert oracle.acc >= accuracy["perturbed"] + 0.25
     assert accuracy["control"] > accuracy["perturbed"]
 
 
 @pytest.mark.slow
 def test_demo_meets_the_targets(tmp_path):
     """The issue's targets, read from `c3po demo`'s own output (>= 200 held-out questions)."""
-    import json
-
     from lm_eval_c3po.cli import main
 
     assert main(["demo", "--out", str(tmp_path)]) == 0
@@ -145,3 +145,7 @@ def test_demo_meets_the_targets(tmp_path):
     assert rows[("perturbed", "mode_finding")] >= base + 0.05
     for method in ("mode_finding", "kernel_regression", "ngd"):
         assert rows[("control", method)] >= rows[("control", "base")] - 0.02
+    report = tmp_path / "report"  # the paired table and the Figure 4-6 pictures of the demo's own runs
+    assert "McNemar" in (report / "paired.md").read_text()
+    for figure in ("steps_*.png", "coverage_*.png", "cost_*.png"):
+        assert list(report.glob(figure)), figure

@@ -89,6 +89,11 @@ def test_paired_delta_and_table():
     assert ngd["delta"] == pytest.approx(50.0) and ngd["control_loss"] == pytest.approx(25.0)
     assert next(r for r in records if r["method"] == "oracle")["control_loss"] is None
     assert "| qwen3_moe | 25.0 / +0.0 |" in S.format_suite_table(records)
+    cells["perturbed", "prefix_tuning"] = {"method": "prefix_tuning", "unavailable": "latent attention"}
+    records = S.row_records(S.ROWS["deepseek_v2"], cells)
+    assert next(r for r in records if r["method"] == "prefix_tuning")["unavailable"] == "latent attention"
+    row = S.format_suite_table(records).splitlines()[2].split(" | ")
+    assert row[1 + S.METHODS.index("prefix_tuning")] == "n/a"
 
 
 def test_suite_names():
@@ -102,17 +107,13 @@ def test_suite_names():
 def test_a_non_olmoe_family_is_repaired_end_to_end(tmp_path):
     """Qwen3-MoE (per-head q/k norms, its own config class) planted at a small size: NGD beats base through
     `c3po build-reference` and `lm_eval --model c3po`."""
-    from lm_eval_c3po.demo.runs import build_store, evaluate_method
     from lm_eval_c3po.demo.planted import build_planted
+    from lm_eval_c3po.demo.runs import Bench, run_method
 
     paths = build_planted(tmp_path / "p", n_ref=96, n_test=48, steps=300, family="qwen3_moe", log=lambda *_: None)
     assert json.loads((paths.perturbed_model / "config.json").read_text())["model_type"] == "qwen3_moe"
-    store = build_store(paths.perturbed_model, paths.task_dir, tmp_path / "refs")
-    acc = {}
-    for method in ("base", "ngd"):
-        row, *_ = evaluate_method(paths.perturbed_model, store, paths.task_dir, tmp_path / method,
-                                  tmp_path / f"{method}.jsonl", method, 0, None)
-        acc[method] = row["acc"]
+    bench = Bench(paths.perturbed_model, paths.task_dir, tmp_path / "work")
+    acc = {method: run_method(bench, method, method).acc for method in ("base", "ngd")}
     assert acc["base"] < acc["ngd"], acc
 
 

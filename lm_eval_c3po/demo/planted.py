@@ -144,6 +144,7 @@ class PlantedPaths:
     test_jsonl: Path
     task_dir: Path  # --include_path for lm_eval: tasks planted_ref and planted_test
     manifest: Path
+    runs: Path  # what is derived from these models (stores, adapters, results): cleared when they are rebuilt
     info: dict = field(default_factory=dict)
 
 
@@ -212,6 +213,7 @@ def build_planted(
         test_jsonl=root / "data" / "test.jsonl",
         task_dir=root / "tasks",
         manifest=root / "planted.json",
+        runs=root / "runs",
     )
     fp = cfg.fingerprint()
     if paths.manifest.exists():
@@ -223,7 +225,7 @@ def build_planted(
             paths.info = info
             return paths
 
-    for sub in ("perturbed", "control", "data", "tasks"):
+    for sub in ("perturbed", "control", "data", "tasks", "runs"):
         shutil.rmtree(root / sub, ignore_errors=True)
     if paths.manifest.exists():
         paths.manifest.unlink()

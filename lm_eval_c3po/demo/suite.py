@@ -4,8 +4,8 @@ A *build* is one planted model pair (perturbed + control; :func:`build_planted`
 options); a *row* of the table is a build evaluated with some ``--model c3po``
 options. Every (row, model, method) cell is one JSON file under
 ``OUT/suite/cells/``, written atomically when the cell finishes and skipped
-when it exists, so a killed suite reruns only what is missing; builds and
-reference stores are reused the same way. Everything is seeded: the same seed
+when it exists (and names the same build fingerprint), so a killed suite reruns
+only what is missing; builds, stores and adapters are reused the same way. Everything is seeded: the same seed
 gives the same table.
 
 The table (``OUT/suite/suite_table.md`` and ``suite_results.json``) has, per
@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lm_eval_c3po.demo.planted import build_planted
+from lm_eval_c3po.demo.runs import METHODS, REMIX_METHODS, Bench, MethodUnavailable, run_method
+from lm_eval_c3po.report import write_report
 from lm_eval_c3po.routing import FAMILIES
-
-METHODS = ("base", "mode_finding", "kernel_regression", "ngd", "oracle")
+from lm_eval_c3po.store._fs import atomic_write
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,14 @@ def _slug(options: dict) -> str:
     return "".join(f"__{key}={value}" for key, value in sorted(options.items())).replace(":", "-")
 
 
+def store_tokens(build: str) -> str:
+    """The token slots a build's store records: every ``tokens`` spec its rows re-mix (``last`` by default)."""
+    return "+".join(sorted({row.options["tokens"] for row in ROWS.values()
+                            if row.build == build and "tokens" in row.options})) or "last"
+
+
 def run_suite(spec: str, out: Path, seed: int, limit: int | None, log=print) -> list[dict]:
     """Run (or resume) the suite rows of ``spec`` under ``out / 'suite'``; returns the table's records."""
-    from lm_eval_c3po.demo.runs import build_store, evaluate_method
-    from lm_eval_c3po.demo.planted import build_planted
-    from lm_eval_c3po.store._fs import atomic_write
-
     root = out / "suite"
     rows = rows_for(spec)
     results_files: list[Path] = []
@@ -104,33 +107,27 @@ def run_suite(spec: str, out: Path, seed: int, limit: int | None, log=print) -> 
     for row in rows:
         build_dir = root / "builds" / row.build
         paths = build_planted(build_dir / "planted", seed=seed, log=log, **BUILDS[row.build])
+        fingerprint = paths.info["fingerprint"]
         cells: dict[tuple[str, str], dict] = {}
         for variant in ("perturbed", "control"):
             model_dir = paths.perturbed_model if variant == "perturbed" else paths.control_model
-            store = None
+            bench = Bench(model_dir, paths.task_dir, paths.runs / variant, seed, limit, store_tokens(row.build))
             for method in METHODS:
                 if method == "oracle" and variant == "control":
                     continue
-                opts = {} if method == "base" else row.options
+                opts = row.options if method in (*REMIX_METHODS, "oracle") else {}
                 key = {**opts, **({"limit": limit} if limit else {})}
                 cell_file = root / "cells" / row.build / variant / f"{method}{_slug(key)}.json"
-                if cell_file.exists():
-                    cell = json.loads(cell_file.read_text())
-                else:
+                cell = json.loads(cell_file.read_text()) if cell_file.exists() else None
+                if cell is None or cell.get("fingerprint") != fingerprint:  # missing, or of a build since rebuilt
                     log(f"[suite] {row.name} {variant} {method} ...")
-                    if method == "oracle":
-                        cell = _oracle_cell(model_dir, paths.test_jsonl, limit, opts)
-                    else:
-                        tokens = "+".join(sorted({r.options["tokens"] for r in ROWS.values()
-                                                  if r.build == row.build and "tokens" in r.options})) or "last"
-                        store = store or build_store(model_dir, paths.task_dir,
-                                                     build_dir / f"refs-{variant}-{tokens}", tokens)
-                        tag = f"{variant}-{method}{_slug(opts)}"
-                        r, result_file, _, correct = evaluate_method(
-                            model_dir, store, paths.task_dir, build_dir / "results" / tag,
-                            build_dir / "diagnostics" / f"{tag}.jsonl", method, seed, limit, **opts)
-                        cell = {**r, "correct": correct, "results_file": str(result_file)}
-                    cell.update(row=row.name, build=row.build, variant=variant, options=opts, seed=seed)
+                    try:
+                        run = run_method(bench, method, f"{method}{_slug(opts)}", **opts)
+                        cell = {**run.row(), "correct": list(run.correct), "results_file": str(run.results_file)}
+                    except MethodUnavailable as why:
+                        cell = {"method": method, "unavailable": str(why)}
+                    cell.update(row=row.name, build=row.build, variant=variant, options=opts, seed=seed,
+                                fingerprint=fingerprint)
                     cell_file.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write(cell_file, (json.dumps(cell, indent=1) + "\n").encode())
                 if "results_file" in cell and Path(cell["results_file"]).exists():
@@ -142,23 +139,8 @@ def run_suite(spec: str, out: Path, seed: int, limit: int | None, log=print) -> 
         atomic_write(root / "suite_results.json", (json.dumps(records, indent=1) + "\n").encode())
     log(format_suite_table(records))
     if results_files:
-        from lm_eval_c3po.report import write_report
-
         write_report(sorted(set(results_files)), root / "report")
     return records
-
-
-def _oracle_cell(model_dir: Path, test_jsonl: Path, limit: int | None, options: dict) -> dict:
-    from lm_eval_c3po.demo.runs import oracle_correct
-    from lm_eval_c3po.lm_eval_model import C3POLM
-
-    start = time.perf_counter()
-    lm = C3POLM(pretrained=str(model_dir), dtype="float32", device="cpu")
-    docs = [json.loads(line) for line in test_jsonl.read_text().splitlines()][:limit]
-    correct = oracle_correct(lm, docs, **options)
-    acc = sum(correct) / len(correct)
-    return {"method": "oracle", "acc": acc, "stderr": math.sqrt(acc * (1 - acc) / max(len(docs) - 1, 1)),
-            "n": len(docs), "seconds": round(time.perf_counter() - start, 1), "correct": correct}
 
 
 def paired_delta(correct: list[bool], base: list[bool]) -> tuple[float, float]:
@@ -178,13 +160,16 @@ def row_records(row: Row, cells: dict[tuple[str, str], dict]) -> list[dict]:
     out = []
     for method in METHODS:
         cell = cells["perturbed", method]
+        record = {"row": row.name, "build": row.build, "tests": row.tests, "options": row.options, "method": method}
+        if "unavailable" in cell:
+            out.append({**record, "unavailable": cell["unavailable"]})
+            continue
         delta, delta_se = paired_delta(cell["correct"], base["correct"])
         control = cells.get(("control", method))
+        control = None if control is None or "unavailable" in control else control
         loss = None if control is None else 100 * (control_base["acc"] - control["acc"])
-        out.append({"row": row.name, "build": row.build, "tests": row.tests, "options": row.options,
-                    "method": method, "acc": 100 * cell["acc"], "n": cell["n"], "delta": delta,
-                    "delta_se": delta_se, "control_acc": None if control is None else 100 * control["acc"],
-                    "control_loss": loss})
+        out.append({**record, "acc": 100 * cell["acc"], "n": cell["n"], "delta": delta, "delta_se": delta_se,
+                    "control_acc": None if control is None else 100 * control["acc"], "control_loss": loss})
     return out
 
 
@@ -199,6 +184,9 @@ def format_suite_table(records: list[dict]) -> str:
         cells = []
         for method in METHODS:
             r = methods[method]
+            if "unavailable" in r:
+                cells.append("n/a")
+                continue
             text = f"{r['acc']:.1f}"
             if method != "base":
                 text += f" ({r['delta']:+.1f} ± {r['delta_se']:.1f})"
@@ -208,5 +196,6 @@ def format_suite_table(records: list[dict]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Cells: perturbed accuracy (paired change vs base ± its standard error) / control loss "
-                 "(control base minus control with the method, points; the oracle is not run on the control).")
+                 "(control base minus control with the method, points; the oracle is not run on the control); n/a: the "
+                 "method cannot run on that family (suite_results.json says why).")
     return "\n".join(lines)
