@@ -156,33 +156,59 @@ def plant_name_head(model, tokenizer) -> None:
     """Hand-initialise attention head 0 of layer 0 to look up the person's name.
 
     Every token embedding gets a constant feature and name tokens a "name"
-    feature; the head's query reads the constant and its key the name feature in
-    the lowest-frequency rotary pair (so the match barely depends on distance).
-    The last context token then attends to the name from the start of training,
-    which turns minutes of search into seconds. Everything stays trainable.
+    feature; the head's query reads the constant and its key the name feature
+    (in the lowest-frequency rotary pair, so the match barely depends on
+    distance; under multi-head latent attention in a position-free ``nope``
+    dimension, carried through one latent dimension). The last context token
+    then attends to the name from the start of training, which turns minutes of
+    search into seconds (DeepSeek's latent attention, left to learn it, stays
+    at chance on the person within 600 steps). Everything stays trainable.
     """
     cfg = model.config
     attn = model.model.layers[0].self_attn
-    if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return  # multi-head latent attention (DeepSeek): the name lookup is learned from scratch
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     d_one, d_name = cfg.hidden_size - 2, cfg.hidden_size - 1
-    slot = hd // 2 - 1  # head-0 row whose rotary partner (slot + hd/2) has the lowest frequency
     name_ids = tokenizer.convert_tokens_to_ids(pdata.NAMES)
-    # OLMoE, Qwen3-MoE and GraniteMoE (no 1/sqrt(d) scaling) sharpen the match on their own; without q/k
-    # norms (Qwen2-MoE, Mixtral, PhiMoE) a unit weight leaves the name about a third of the attention
-    gain = 1.0 if hasattr(attn, "q_norm") or getattr(cfg, "attention_multiplier", None) else 3.0
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
         emb[:, d_one] = 0.05
         emb[:, d_name] = 0.0
         emb[name_ids, d_name] = 0.05
+        if hasattr(attn, "kv_b_proj"):
+            _plant_latent_name_head(attn, cfg, d_one, d_name)
+            return
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        slot = hd // 2 - 1  # head-0 row whose rotary partner (slot + hd/2) has the lowest frequency
+        # OLMoE, Qwen3-MoE and GraniteMoE (no 1/sqrt(d) scaling) sharpen the match on their own; without q/k
+        # norms (Qwen2-MoE, Mixtral, PhiMoE) a unit weight leaves the name about a third of the attention
+        gain = 1.0 if hasattr(attn, "q_norm") or getattr(cfg, "attention_multiplier", None) else 3.0
         for proj, src in ((attn.q_proj, d_one), (attn.k_proj, d_name)):
             proj.weight[slot].zero_()
             proj.weight[slot + hd // 2].zero_()
             proj.weight[slot, src] = gain
         attn.v_proj.weight[:hd] *= 3.0
         attn.o_proj.weight[:, :hd] *= 3.0
+
+
+def _plant_latent_name_head(attn, cfg, d_one: int, d_name: int, gain: float = 2.0) -> None:
+    """The name head under multi-head latent attention (DeepSeek-V2/V3, ``q_lora_rank=None``).
+
+    Head 0's first ``nope`` query dimension reads the constant feature; latent
+    dimension 0 carries only the name feature, and head 0's first ``nope`` key
+    dimension reads it back; head 0's rotary query is zeroed so position adds
+    no noise. The values still read the whole latent (the name's identity).
+    """
+    if attn.q_proj is None:
+        raise ValueError("the planted name head needs q_lora_rank=None (a plain q_proj)")
+    head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    attn.q_proj.weight[:head].zero_()
+    attn.q_proj.weight[0, d_one] = gain
+    attn.kv_a_proj_with_mqa.weight[0].zero_()
+    attn.kv_a_proj_with_mqa.weight[0, d_name] = 0.25  # about the other latent dims' size: the norm keeps them
+    attn.kv_b_proj.weight[: cfg.qk_nope_head_dim].zero_()
+    attn.kv_b_proj.weight[0, 0] = 4 * gain
+    values = slice(cfg.qk_nope_head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim)
+    attn.kv_b_proj.weight[values] *= 12.0
+    attn.o_proj.weight[:, : cfg.v_head_dim] *= 3.0
 
 
 def encode_docs(tokenizer, docs: list[dict]):
