@@ -12,7 +12,6 @@ from lm_eval_c3po.demo import planted_data as D
 from lm_eval_c3po.demo import planted_model as M
 from lm_eval_c3po.demo.planted_train import PlantedConfig
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

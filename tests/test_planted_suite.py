@@ -16,7 +16,6 @@ from lm_eval_c3po.demo.planted_train import pair_omega
 from lm_eval_c3po.routing import RoutingController
 from lm_eval_c3po.testing import FAMILIES, make_tiny_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

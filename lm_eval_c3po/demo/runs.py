@@ -14,12 +14,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
+from lm_eval_c3po import oracle_eval
 from lm_eval_c3po.baselines import cli as baseline_cli
 from lm_eval_c3po.baselines.train import TrainError
-from lm_eval_c3po import oracle_eval
 from lm_eval_c3po.report.results import load_run
 from lm_eval_c3po.report.samples import load_samples
+from reference_builders import cli as builder_cli
 
 TASK = "planted_test"
 METHODS = ("base", "icl", "prefix_tuning", "soft_prompt", "mode_finding", "kernel_regression", "ngd", "oracle")
@@ -83,13 +85,12 @@ def run_method(bench: Bench, method: str, tag: str, **options) -> Evaluation:
 def build_store(bench: Bench) -> Path:
     """``c3po build-reference`` of the planted reference split (kept when it exists), recording the token slots
     ``bench.tokens`` (what the runs on it re-mix)."""
-    from lm_eval_c3po.cli import main as c3po
-
     store = bench.work / f"refs-{bench.tokens.replace(':', '-')}"
     if not (store / "manifest.json").exists():
-        code = c3po(["build-reference", "--model", str(bench.model_dir), "--model_args", "dtype=float32",
-                     "--device", "cpu", "--batch_size", "32", "--tasks", "planted_ref",
-                     "--include_path", str(bench.task_dir), "--tokens", bench.tokens, "--out", str(store)])
+        code = builder_cli.run(_parse(builder_cli, [
+            "--model", str(bench.model_dir), "--model_args", "dtype=float32", "--device", "cpu", "--batch_size", "32",
+            "--tasks", "planted_ref", "--include_path", str(bench.task_dir), "--tokens", bench.tokens,
+            "--out", str(store)]))
         if code:
             raise SystemExit(f"c3po demo: building the reference store failed (exit {code})")
     return store
@@ -99,13 +100,12 @@ def train_adapter(bench: Bench, kind: str) -> Path:
     """``c3po train-baseline --method kind`` on the planted reference split (kept when it exists)."""
     adapter = bench.work / "adapters" / kind
     if not (adapter / "adapter_config.json").exists():
-        parser = argparse.ArgumentParser()
-        baseline_cli.add_arguments(parser)
-        args = parser.parse_args(["--model", str(bench.model_dir), "--model_args", "dtype=float32", "--device", "cpu",
-                                  "--method", kind, "--tasks", "planted_ref", "--include_path", str(bench.task_dir),
-                                  "--seed", str(bench.seed), "--out", str(adapter)])
+        args = _parse(baseline_cli, [
+            "--model", str(bench.model_dir), "--model_args", "dtype=float32", "--device", "cpu", "--method", kind,
+            "--tasks", "planted_ref", "--include_path", str(bench.task_dir), "--seed", str(bench.seed),
+            "--out", str(adapter)])
         try:
-            baseline_cli.train(args)
+            baseline_cli.train(args)  # not run(): its TrainError says why a family cannot take the adapter
         except TrainError as err:
             raise MethodUnavailable(str(err)) from err
     return adapter
@@ -129,8 +129,6 @@ def evaluate(bench: Bench, method: str, model: str, model_args: str, results_dir
 
 def evaluate_oracle(bench: Bench, results_dir: Path, **options) -> Evaluation:
     """``c3po oracle`` on ``planted_test``: an lm-eval results file marked as an upper bound."""
-    parser = argparse.ArgumentParser()
-    oracle_eval.add_arguments(parser)
     model_args = ",".join(["dtype=float32", *(f"{key}={value}" for key, value in sorted(options.items()))])
     argv = ["--model", str(bench.model_dir), "--model_args", model_args, "--tasks", TASK,
             "--include_path", str(bench.task_dir), "--output_path", str(results_dir), "--log_samples",
@@ -138,9 +136,16 @@ def evaluate_oracle(bench: Bench, results_dir: Path, **options) -> Evaluation:
     if bench.limit is not None:
         argv += ["--limit", str(bench.limit)]
     start = time.perf_counter()
-    if oracle_eval.run(parser.parse_args(argv)):
+    if oracle_eval.run(_parse(oracle_eval, argv)):
         raise SystemExit("c3po demo: the oracle run failed (see above)")
     return read_evaluation("oracle", results_dir, time.perf_counter() - start)
+
+
+def _parse(command: ModuleType, argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed as the ``c3po`` subcommand ``command`` (a module with ``add_arguments``) parses it."""
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def _save(results: dict, results_dir: Path, model_name: str) -> None:
