@@ -31,7 +31,7 @@ from lm_eval_c3po.demo.runs import (
     run_method,
 )
 from lm_eval_c3po.report import write_report
-from lm_eval_c3po.routing import FAMILIES
+from lm_eval_c3po.routing import FAMILIES, covering_token_spec
 from lm_eval_c3po.store._fs import atomic_write
 
 
@@ -108,8 +108,7 @@ def _slug(options: dict) -> str:
 
 def store_tokens(build: str) -> str:
     """The token slots a build's store records: every ``tokens`` spec its rows re-mix (``last`` by default)."""
-    return "+".join(sorted({row.options["tokens"] for row in ROWS.values()
-                            if row.build == build and "tokens" in row.options})) or "last"
+    return covering_token_spec([row.options.get("tokens") for row in ROWS.values() if row.build == build])
 
 
 def run_suite(spec: str, out: Path, seed: int, limit: int | None, log=print) -> list[dict]:

@@ -97,6 +97,17 @@ def token_slots(spec: str | None) -> list[str]:
     return names
 
 
+def covering_token_spec(specs: Sequence[str | None]) -> str:
+    """The smallest token spec whose slots hold the slots of every spec in ``specs``: what a store must record
+    for runs that re-mix each of them. ``last:N`` holds ``last:M`` for M <= N (likewise ``first``, ``middle``),
+    so it keeps the largest count per position: ``last``, ``first:3``, ``last:3`` -> ``last:3+first:3``."""
+    widest: dict[str, int] = {}
+    for spec in specs:
+        for where, count in _token_parts(spec):
+            widest[where] = max(widest.get(where, 0), count)
+    return "+".join(where if count == 1 else f"{where}:{count}" for where, count in widest.items())
+
+
 def token_positions(spec: str | None, context_lengths: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """Positions ``[B, P]`` of the context tokens selected by ``spec`` in each row.
 
