@@ -147,7 +147,8 @@ def test_dtype_and_max_seq_length(embedder):
     assert next(small._model.parameters()).dtype == torch.bfloat16 and small._model.max_seq_length == 6
     assert small._model.tokenizer.padding_side == "left"
     v = small.encode_documents(["one two three four five six seven", "one two three four five six eight nine"])
-    assert v.dtype == np.float32 and float(v[0] @ v[1]) > 0.9999  # differ only past the 6-token cut
+    # the texts differ only past the 6-token cut: identical up to bfloat16 rounding (uncut, they score 0.90)
+    assert v.dtype == np.float32 and float(v[0] @ v[1]) > 0.99
     assert (small.signature.dtype, small.signature.max_seq_length) == ("bfloat16", 6)
     assert small.signature == embedder.signature  # recorded, not compared: same vectors up to precision
 
