@@ -288,13 +288,14 @@ class C3POLM(HFLM):
 
 
 def score_with_pathways(lm: C3POLM, requests: Sequence[Request], pathways: Mapping[tuple[int, ...], torch.Tensor],
-                        layers: Sequence[int] | None = None) -> list[tuple[float, bool]]:
+                        layers: Sequence[int] | None = None, tokens: str | None = None) -> list[tuple[float, bool]]:
     """lm-eval's ``(log-likelihood, is_greedy)`` of tokenized requests with given pathways written in.
 
-    ``pathways`` are ``{context ids: [1, len(layers), E]}``; ``layers`` default to
-    the model's critical layers. For analysis (e.g. the oracle): the rows are
-    lm-eval's own padded batches, as ``--model c3po`` would score them.
+    ``pathways`` are ``{context ids: [1, P * len(layers), E]}`` (slot-major rows of the ``P`` slots of
+    ``tokens``); ``layers`` and ``tokens`` default to the run's. For analysis (e.g. the oracle): the rows
+    are lm-eval's own padded batches, as ``--model c3po`` would score them.
     """
     layers = tuple(layers) if layers is not None else lm.c3po.layer_ids
-    with lm.hooked(PathwayOverride(lm.routing, pathways, layers, lm.c3po.tokens, RowPlan(requests, lm.max_length))):
+    tokens = tokens or lm.c3po.tokens
+    with lm.hooked(PathwayOverride(lm.routing, pathways, layers, tokens, RowPlan(requests, lm.max_length))):
         return lm._loglikelihood_tokens(list(requests), disable_tqdm=True)

@@ -71,3 +71,19 @@ def tiny_store_dir(tiny_model_dir, tiny_task_dir, tmp_path_factory):
                  "--keep", "all", "--out", str(out)])
     assert code == 0
     return out
+
+
+ALL_SLOTS = "first:3+middle:3+last:3"  # every token slot of the paper's token ablation
+
+
+@pytest.fixture(scope="session")
+def slot_store_dir(tiny_model_dir, tiny_task_dir, tmp_path_factory):
+    """A store of every tiny_mc doc with the routing of every slot the paper's token ablation uses."""
+    from lm_eval_c3po.cli import main
+
+    out = tmp_path_factory.mktemp("refs") / "slots"
+    code = main(["build-reference", "--model", str(tiny_model_dir), "--model_args", "dtype=float32",
+                 "--device", "cpu", "--tasks", "tiny_mc", "--include_path", str(tiny_task_dir),
+                 "--keep", "all", "--tokens", ALL_SLOTS, "--out", str(out)])
+    assert code == 0
+    return out

@@ -215,11 +215,12 @@ def test_use_cache_resumes_and_refuses_other_settings(tiny_model_dir, tiny_task_
         run(k=2)
 
 
-@pytest.mark.parametrize("method", ["mode_finding", "ngd"])
-def test_scoring_from_the_capture_pass_equals_hooked_lm_eval_batches(lm, store_dir, method):
+@pytest.mark.parametrize(("method", "tokens"), [("mode_finding", "last"), ("ngd", "last"), ("ngd", "last:2")])
+def test_scoring_from_the_capture_pass_equals_hooked_lm_eval_batches(lm, slot_store_dir, method, tokens):
     """The fast path (one prefix pass per context for its own pathway and all its choices) gives
-    the numbers of lm-eval's own padded batches with the same pathways hooked in."""
-    remixer = _remixer(lm, store_dir, method=method, steps=4, remix_batch_size=3)
+    the numbers of lm-eval's own padded batches with the same pathways hooked in (several token slots too:
+    the hook unfolds the slot-major ``[1, P * L_crit, E]`` pathway)."""
+    remixer = _remixer(lm, slot_store_dir, method=method, steps=4, remix_batch_size=3, tokens=tokens)
     texts = [f"Question: {q}\nAnswer:" for q, _, _ in TINY_MC_DOCS[:5]]
     choices = [[" " + c for c in doc[1]] for doc in TINY_MC_DOCS[:5]]
     contexts = [lm.tok_encode(t) for t in texts]
@@ -229,7 +230,7 @@ def test_scoring_from_the_capture_pass_equals_hooked_lm_eval_batches(lm, store_d
     pathways = dict(zip(map(tuple, contexts), remixer.pathways(texts, contexts)))
     requests = [((t, c), ctx, cont) for t, ctx, cs, ccs in zip(texts, contexts, choices, conts)
                 for c, cont in zip(cs, ccs)]
-    hooked = score_with_pathways(lm, requests, pathways)
+    hooked = score_with_pathways(lm, requests, pathways, remixer.layer_ids, tokens)
     flat = [answer for per_context in fast for answer in per_context]
     assert np.abs(np.array([a[0] for a in flat]) - np.array([h[0] for h in hooked])).max() <= 1e-4
     assert [a[1] for a in flat] == [h[1] for h in hooked]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MC_DOCS
+from conftest import ALL_SLOTS, TINY_MC_DOCS
 from lm_eval_c3po.remix import C3POConfig, Remixer
 from lm_eval_c3po.retrieve import bandwidth_from_neighbour_distances, kernel_weights_from_cosine
 from lm_eval_c3po.routing import own_pathways, token_positions, token_slots
@@ -17,20 +17,6 @@ from lm_eval_c3po.score import Example, causal_row, choice_loss
 from lm_eval_c3po.store import ReferenceStore, StoreMismatchError
 
 SPECS = ["last", "first", "middle", "last:3", "first:3", "middle:3"]
-ALL_SLOTS = "first:3+middle:3+last:3"
-
-
-@pytest.fixture(scope="module")
-def slot_store_dir(tiny_model_dir, tiny_task_dir, tmp_path_factory):
-    """A store of every tiny_mc doc with the routing of every slot the paper's token ablation uses."""
-    from lm_eval_c3po.cli import main
-
-    out = tmp_path_factory.mktemp("refs") / "slots"
-    code = main(["build-reference", "--model", str(tiny_model_dir), "--model_args", "dtype=float32",
-                 "--device", "cpu", "--tasks", "tiny_mc", "--include_path", str(tiny_task_dir),
-                 "--keep", "all", "--tokens", ALL_SLOTS, "--out", str(out)])
-    assert code == 0
-    return out
 
 
 def _requests(count: int = 4):

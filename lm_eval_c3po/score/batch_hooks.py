@@ -64,7 +64,11 @@ class RowPlan:
 
 
 class PathwayOverride:
-    """Write each context's pathway ``[1 or P, L_crit, E]`` (keyed by its token ids) at its context positions."""
+    """Write each context's pathway (keyed by its token ids) at its context positions.
+
+    A pathway is ``[1, P * L_crit, E]`` with slot-major rows, as the re-mixers return it
+    (:func:`~lm_eval_c3po.routing.own_pathways`); one of ``L_crit`` rows alone is written at every slot.
+    """
 
     def __init__(self, routing: RoutingController, pathways: Mapping[Key, torch.Tensor], layers: Sequence[int],
                  tokens: str, plan: RowPlan | None = None):
@@ -101,6 +105,7 @@ class PathwayOverride:
         """omega ``[B, P, L_crit, E]``; rows without a pathway get any one as a placeholder (their positions are -1)."""
         placeholder = next(iter(self.pathways.values()))
         omega = torch.stack([self.pathways.get(key, placeholder) for key in keys])
+        omega = omega.reshape(len(keys), -1, len(self.layers), omega.shape[-1])  # unfold the slot-major rows
         return omega.expand(-1, num_positions, -1, -1) if omega.shape[1] == 1 else omega
 
 
