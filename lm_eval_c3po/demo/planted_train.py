@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lm_eval_c3po.demo import planted_data as pdata
 from lm_eval_c3po.demo import planted_model as pm
-from lm_eval_c3po.routing import RoutingController
+from lm_eval_c3po.routing import FAMILIES, RoutingController
 
 FORMAT_VERSION = 2  # 2: training forces routing through RoutingController.override
 
@@ -81,6 +81,8 @@ class PlantedConfig:
                 for s in range(len(pm.SKILL_EXPERT))
             ],
         }
+        if FAMILIES[self.family].rule.kind == "sigmoid":
+            planted["router_loss"] = "per-expert BCE, mean over experts"  # format 2 summed them (no answers learnt)
         payload = json.dumps({"format": FORMAT_VERSION, "planted": planted, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -140,16 +142,17 @@ def _force(ctl: RoutingController, layer: int, pos: torch.Tensor, sel: torch.Ten
 
 def _router_xent(kind: str, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of router scores against ``target``: softmax scores as one distribution, sigmoid
-    scores (DeepSeek-V3) expert by expert."""
+    scores (DeepSeek-V3) expert by expert, averaged over experts (summed, the E binary losses outweigh the
+    answer loss and the model never learns the answers)."""
     if kind == "sigmoid":
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1).mean()
+        return F.binary_cross_entropy_with_logits(logits, target)
     return -(target * logits.log_softmax(-1)).sum(-1).mean()
 
 
 def _router_copy(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Loss that makes the ``student`` router logits score like the (detached) ``teacher`` logits."""
     if kind == "sigmoid":
-        return F.binary_cross_entropy_with_logits(student, teacher.sigmoid(), reduction="none").sum(-1).mean()
+        return F.binary_cross_entropy_with_logits(student, teacher.sigmoid())
     return F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean")
 
 
