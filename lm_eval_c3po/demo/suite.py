@@ -54,7 +54,9 @@ BUILDS: dict[str, dict] = {
     "retrieval_noise": {"decoys": 2},
     "lower_layer": {"critical_layer": 1},
     "outside_topk": {"fault": "outside"},
-    "token_offset": {"critical_layer": 2, "token_offset": 1},
+    # the answer must travel from the token before the last through layer 3's attention: after 600 steps the
+    # control model was at chance (23.3; answer loss 1.49), after 1800 the answer loss is 0.09
+    "token_offset": {"critical_layer": 2, "token_offset": 1, "steps": 1800},
 }
 
 ROWS: dict[str, Row] = {
