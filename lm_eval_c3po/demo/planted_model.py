@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lm_eval_c3po.demo import planted_data as pdata
-from lm_eval_c3po.routing import RoutingController
+from lm_eval_c3po.routing import FAMILIES, RoutingController
 
 NUM_LAYERS = 4  # MoE layers (DeepSeek's dense first layers come on top)
 NUM_EXPERTS = 8
@@ -100,8 +100,6 @@ def model_config(family: str, hidden_size: int, intermediate_size: int, num_head
     the family has the switch (DeepSeek-V2's router ignores it).
     """
     import transformers
-
-    from lm_eval_c3po.routing import FAMILIES
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")

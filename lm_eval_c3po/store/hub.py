@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lm_eval_c3po.store.errors import StoreNotFoundError
 from lm_eval_c3po.store.manifest import MANIFEST_FILE, load_manifest
+from lm_eval_c3po.store.reference_store import ReferenceStore
 from lm_eval_c3po.store.shards import SHARD_DIR, TENSOR_SUFFIX, TEXT_SUFFIX
 
 # ``org/name`` as the Hub allows repo ids (letters, digits, ``-``, ``_``, ``.``), optionally ``@revision``
@@ -100,8 +101,6 @@ def push_store(
     applies), and ``revision`` names a branch, created from the default branch if missing.
     """
     from huggingface_hub import HfApi
-
-    from lm_eval_c3po.store.reference_store import ReferenceStore
 
     directory = Path(directory)
     if parse_hub_spec(repo_id) is None or "@" in repo_id:
