@@ -41,7 +41,7 @@ width of its input (padding included, since it is computed; the embedding,
 final norm, LM head and sentence embedder are not counted). The benchmark's
 own meter counts every decoder-layer call during ``simple_evaluate``; a
 c3po run's Remixer meter splits off "neighbours" (preparing the neighbours:
-their prefixes and the layers up to the first critical one) and
+their prefixes, and their answer tries through the first critical layer) and
 "optimisation" forward and backward (the loss calls: the layers after the
 first critical one over the answer tries; a grad-enabled forward's token-layers
 are counted once more as backward). "own" is the rest: the test contexts' own
@@ -96,9 +96,9 @@ from lm_eval_c3po.remix import C3POConfig  # noqa: E402
 from lm_eval_c3po.score.cost import PHASES, CostMeter, forward_equivalents
 from lm_eval_c3po.testing import make_tiny_model, make_tokenizer, write_mc_task  # noqa: E402
 
-# tol for ngd_tol, in nats of the neighbourhood loss (a cross-entropy over 4 choices, ln 4 = 1.39 at chance):
-# a step that moves it by at most 1e-3 changes the neighbours' gold probabilities by about 0.1% relative,
-# and the cosine rate has by then fallen too, so later steps cannot move omega far.
+# tol for ngd_tol, in nats of the neighbourhood loss: a step that moves it by at most 1e-3 changes the
+# neighbours' weighted gold probability by about 0.1% relative, too little to expect later steps to flip a
+# choice. It saves work only once every context of a remix batch has stopped (the loss runs batch-wide).
 NGD_TOL = 1e-3
 # c3po model_args per configuration (hf is lm-eval's HFLM)
 C3PO_ARGS = {
