@@ -11,12 +11,26 @@ model's per-token-layer cost; the counts are exact, not estimated from time.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 
 PHASES = ("own", "neighbours", "optimisation_forward", "optimisation_backward")
+# A backward pass is taken as twice its forward's FLOPs (the usual rule when weight and input gradients are
+# both formed). Re-mixing freezes the weights, so only input gradients are needed: 2 overstates the backward
+# work rather than understating it.
+BACKWARD_WEIGHT = 2.0
+
+
+def forward_equivalents(counts: Mapping[str, float]) -> float:
+    """Counted work in forward token-layer units: every phase's count, the backward's times ``BACKWARD_WEIGHT``.
+
+    One number per run, so that measured time divided by it compares implementations of unequal work
+    (seconds per token-layer) and counted work times a reference's seconds per token-layer is a time floor.
+    """
+    extra_backward = (BACKWARD_WEIGHT - 1) * counts.get("optimisation_backward", 0)
+    return sum(counts.get(phase, 0) for phase in PHASES) + extra_backward
 
 
 class CostMeter:

@@ -1,0 +1,50 @@
+"""benchmarks/overhead.py's counted-work arithmetic: the phase split and the floor (pure functions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from lm_eval_c3po.score.cost import BACKWARD_WEIGHT, forward_equivalents
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def overhead():
+    sys.path.insert(0, str(BENCHMARKS))  # for its sibling _memory
+    try:
+        spec = importlib.util.spec_from_file_location("overhead", BENCHMARKS / "overhead.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_forward_equivalents_weight_the_backward():
+    counts = {"own": 100, "neighbours": 20, "optimisation_forward": 30, "optimisation_backward": 30}
+    assert forward_equivalents(counts) == 150 + BACKWARD_WEIGHT * 30
+    assert forward_equivalents({"own": 7}) == 7  # missing phases count as zero
+
+
+def test_work_split_leaves_the_rest_of_the_run_as_own_work(overhead):
+    remixed = {"own": 5, "neighbours": 20, "optimisation_forward": 30, "optimisation_backward": 25}
+    assert overhead.work_split(200, remixed) == {"own": 150, "neighbours": 20, "optimisation_forward": 30,
+                                                 "optimisation_backward": 25}
+    assert overhead.work_split(80, {}) == {"own": 80, "neighbours": 0, "optimisation_forward": 0,
+                                           "optimisation_backward": 0}  # hf and base: all own
+
+
+def test_the_floor_is_counted_work_at_hfs_seconds_per_token_layer(overhead):
+    counts = {"own": 100, "neighbours": 0, "optimisation_forward": 50, "optimisation_backward": 50}
+    figures = overhead.work_figures(counts, questions=10, model_s=3.0, hf_s_per_token_layer=0.01)
+    work = 150 + BACKWARD_WEIGHT * 50
+    assert figures["forward_equivalents_per_question"] == work / 10
+    assert figures["floor_s"] == pytest.approx(work * 0.01)
+    assert figures["floor_ratio"] == pytest.approx(3.0 / (work * 0.01), abs=1e-3)
+    assert figures["us_per_token_layer"] == pytest.approx(3.0 / work * 1e6, abs=1e-4)
+    assert figures["work_per_question"]["optimisation_backward"] == 5
