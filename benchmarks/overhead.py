@@ -1,7 +1,7 @@
 """C3PO's cost over plain evaluation, measured through lm-eval's ``simple_evaluate`` in one process.
 
 An OLMoE-shaped random model (16 layers, 64 experts, top-8; a small hidden size, or
-OLMoE-1B-7B's whole config with ``--shape olmoe-1b-7b`` on a GPU),
+OLMoE-1B-7B's whole config with ``--shape olmoe-1b-7b``),
 a synthetic 4-choice task and a reference store built from a disjoint
 synthetic set. Each configuration evaluates the same task with the same
 ``batch_size``; seconds and ratios to ``--model hf`` are printed and written:
@@ -32,8 +32,12 @@ fixed task set-up, which flatters small runs). Where C3PO's time goes: "embed s"
 (the sentence embedder), "remix s" (retrieval and the method, embedding
 included) and "score s" (the rest: each context's own-pathway pass and the
 scoring of its choices), so the figures can be read for real model sizes,
-where the fixed-size sentence embedder is negligible next to the LM. Peak RSS
-is per run (``/proc/self/clear_refs``).
+where the fixed-size sentence embedder is negligible next to the LM. Memory
+per run: "anon MiB" is the peak anonymous resident memory (``RssAnon``,
+sampled; not RSS, which also counts the safetensors pages the loader keeps
+mapped) from the model's load to the end of the evaluation, "+ run" its rise
+over the model just loaded (activations, the optimisation batch, the store);
+the JSON also has peak RSS and, on a GPU, peak CUDA memory.
 
 Counted work (:class:`~lm_eval_c3po.score.cost.CostMeter`): decoder
 token-layer evaluations, i.e. for every call of a decoder layer, the rows x
@@ -69,11 +73,14 @@ several percent between runs).
     python benchmarks/overhead.py --questions 300 --hidden 128 --answers letters --repeats 3
     python benchmarks/overhead.py --questions 40 --hidden 128 --configs hf,ngd,ngd_naive   # a quick look
     python benchmarks/overhead.py --device cuda --shape olmoe-1b-7b --configs hf,base,kernel_regression,ngd
+    python benchmarks/overhead.py --shape olmoe-1b-7b --dtype bfloat16 --questions 8 --batch-size 4 \
+        --configs hf,base,kernel_regression,ngd   # real size on a CPU with AVX512-bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -90,7 +97,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _memory import reset_peak_rss, rss_mib  # noqa: E402
+from _memory import AnonPeak, anon_mib, reset_peak_rss, rss_mib  # noqa: E402
 
 from lm_eval_c3po.remix import C3POConfig  # noqa: E402
 from lm_eval_c3po.score.cost import PHASES, CostMeter, forward_equivalents
@@ -150,7 +157,7 @@ SHAPES = ("small", "olmoe-1b-7b")
 def model_shape(shape: str, hidden: int, vocab: int) -> dict:
     """Config overrides of an OLMoE model: ``small`` is OLMoE-1B-7B's routing (16 layers, 64 experts,
     top-8) at ``hidden`` (minutes on a CPU); ``olmoe-1b-7b`` is allenai/OLMoE-1B-7B-0924's whole
-    config (6.9B parameters, its 50304-token head), for a GPU."""
+    config (6.9B parameters, its 50304-token head): a GPU, or a CPU in bfloat16 for a few questions."""
     routing = dict(num_hidden_layers=16, num_experts=64, num_experts_per_tok=8, initializer_range=0.02)
     if shape == "olmoe-1b-7b":
         return dict(routing, hidden_size=2048, intermediate_size=1024, num_attention_heads=16,
@@ -161,11 +168,11 @@ def model_shape(shape: str, hidden: int, vocab: int) -> dict:
 
 
 def save_model(path: Path, shape: dict, tokenizer, device: str, dtype: str, seed: int = 0) -> Path:
-    """A random OLMoE model of ``shape`` with ``tokenizer``, initialised on ``device`` (a 7B model
-    initialises in seconds on a GPU) and saved in ``dtype``."""
+    """A random OLMoE model of ``shape`` with ``tokenizer``, built in ``dtype`` on ``device`` (a 7B model
+    initialises in seconds on a GPU, in about a minute on a CPU) and saved."""
     with torch.device(device):
-        model = make_tiny_model("olmoe", seed=seed, **shape)
-    model.to(getattr(torch, dtype)).save_pretrained(path)
+        model = make_tiny_model("olmoe", seed=seed, dtype=getattr(torch, dtype), **shape)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -280,20 +287,22 @@ def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> 
     reset_peak_rss()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    lm = make_lm(config, model_dir, store, args)
-    setup_s = time.perf_counter() - start
-    parts: dict[str, float] = {}
-    remixer = getattr(lm, "_remixer", None)
-    meter, remixed = CostMeter(lm.model), Counter()
-    patches = [_timed(lm, "loglikelihood", parts, "loglikelihood_s"), meter.phase("own")]
-    if remixer is not None:
-        patches += [_timed(remixer, "_remix", parts, "remix_s"),
-                    _timed(remixer.retriever.embedder, "encode_queries", parts, "embed_s"),
-                    _collected(remixer.cost, remixed)]
-    if config == "ngd_naive":
-        patches.append(_naive_neighbourhood_loss(remixer))
     with ExitStack() as stack:
+        anon = stack.enter_context(AnonPeak())  # the model's load included: "loaded_anon_mib" is after it
+        start = time.perf_counter()
+        lm = make_lm(config, model_dir, store, args)
+        setup_s = time.perf_counter() - start
+        loaded_anon = anon_mib()
+        parts: dict[str, float] = {}
+        remixer = getattr(lm, "_remixer", None)
+        meter, remixed = CostMeter(lm.model), Counter()
+        patches = [_timed(lm, "loglikelihood", parts, "loglikelihood_s"), meter.phase("own")]
+        if remixer is not None:
+            patches += [_timed(remixer, "_remix", parts, "remix_s"),
+                        _timed(remixer.retriever.embedder, "encode_queries", parts, "embed_s"),
+                        _collected(remixer.cost, remixed)]
+        if config == "ngd_naive":
+            patches.append(_naive_neighbourhood_loss(remixer))
         for patch in patches:
             stack.enter_context(patch)
         start = time.perf_counter()
@@ -305,13 +314,15 @@ def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> 
     figures = {"seconds": round(seconds, 3), "setup_s": round(setup_s, 3),
                "acc": round(out["results"][TASK]["acc,none"], 4),
                **{k: round(v, 3) for k, v in parts.items()}, **rss_mib(),
+               "loaded_anon_mib": loaded_anon, "peak_anon_mib": anon.peak_mib,
                "token_layers": work_split(meter.take()["own"], remixed)}
     if remixer is not None:
         figures["scoring_s"] = round(figures["loglikelihood_s"] - figures.get("remix_s", 0.0), 3)
         figures["neighbours_prepared"] = remixer.loss_cache.prepared
     if args.device.startswith("cuda"):
         figures["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    del lm
+    del lm, out
+    gc.collect()  # the next config loads its own copy of the model
     return figures
 
 
@@ -324,7 +335,7 @@ def main() -> int:
                              "the conservative choice, with fewer neighbours shared between questions)")
     parser.add_argument("--shape", choices=SHAPES, default="small",
                         help="small: OLMoE-1B-7B's routing at --hidden (default); olmoe-1b-7b: its whole config "
-                             "(6.9B parameters: for a GPU)")
+                             "(6.9B parameters: a GPU, or --dtype bfloat16 on a CPU for a few questions)")
     parser.add_argument("--hidden", type=int, default=256,
                         help="hidden size of the small shape (default 256)")
     parser.add_argument("--batch-size", type=int, default=32, help="lm-eval batch_size, the same for every run")
@@ -335,6 +346,9 @@ def main() -> int:
                         help="words: 1-3 word choices, several answer tokens each (default); letters: MMLU-style "
                              "options in the question, one answer token per choice")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="model dtype (default auto: bfloat16 on a GPU, float32 on a CPU; bfloat16 runs on CPUs "
+                             "with AVX512-bf16 or AMX)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated subset of {CONFIGS} (default {','.join(DEFAULT_CONFIGS)})")
@@ -342,7 +356,8 @@ def main() -> int:
                         help="rounds through the configs; each figure comes from the run of median model s")
     parser.add_argument("--out", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args()
-    args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     torch.set_num_threads(args.threads)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = set(configs) - set(CONFIGS)
@@ -415,13 +430,13 @@ def _median_run(runs: list[dict]) -> dict:
 def _print(summary: dict) -> None:
     print(json.dumps(summary["setup"]))
     head = (f"{'config':<24}{'model s':>9}{'x hf':>7}{'wall s':>9}{'x hf':>7}{'acc':>7}{'embed s':>9}"
-            f"{'remix s':>9}{'score s':>9}{'peak MiB':>10}")
+            f"{'remix s':>9}{'score s':>9}{'anon MiB':>10}{'+ run':>8}")
     print(head)
     for name, f in summary["runs"].items():
         print(f"{name:<24}{f['loglikelihood_s']:>9.2f}{f['model_ratio_to_hf']:>7.2f}{f['seconds']:>9.2f}"
               f"{f['ratio_to_hf']:>7.2f}{f['acc']:>7.3f}"
               f"{f.get('embed_s', 0):>9.2f}{f.get('remix_s', 0):>9.2f}{f.get('scoring_s', f['seconds']):>9.2f}"
-              f"{f['peak_rss_mib']:>10.0f}")
+              f"{f['peak_anon_mib']:>10.0f}{f['peak_anon_mib'] - f['loaded_anon_mib']:>8.0f}")
     print("token-layer evaluations per question (backward x2 in fwd-equiv); us/tl: model s per fwd-equiv "
           "token-layer; x floor: model s / (fwd-equiv x hf's s per token-layer)")
     print(f"{'config':<24}{'own':>9}{'nbrs':>9}{'opt fwd':>9}{'opt bwd':>9}{'fwd-equiv':>11}{'us/tl':>8}"

@@ -57,8 +57,10 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     )
 
 
-def make_tiny_model(family: str = "olmoe", seed: int = 0, vocab_size: int = 384, **overrides):
-    """A random-weight causal LM of ``family`` (a key of :data:`FAMILIES`), fp32, eval mode."""
+def make_tiny_model(family: str = "olmoe", seed: int = 0, vocab_size: int = 384, dtype: torch.dtype = torch.float32,
+                    **overrides):
+    """A random-weight causal LM of ``family`` (a key of :data:`FAMILIES`) in eval mode, built in ``dtype`` (a
+    full-size shape in bfloat16 never holds a float32 copy)."""
     if family not in FAMILIES:
         raise KeyError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
     entry = FAMILIES[family]
@@ -67,7 +69,7 @@ def make_tiny_model(family: str = "olmoe", seed: int = 0, vocab_size: int = 384,
            **overrides}
     )
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def save_tiny_model(path: str | Path, family: str = "olmoe", seed: int = 0) -> Path:

@@ -48,3 +48,24 @@ def test_the_floor_is_counted_work_at_hfs_seconds_per_token_layer(overhead):
     assert figures["floor_ratio"] == pytest.approx(3.0 / (work * 0.01), abs=1e-3)
     assert figures["us_per_token_layer"] == pytest.approx(3.0 / work * 1e6, abs=1e-4)
     assert figures["work_per_question"]["optimisation_backward"] == 5
+
+
+def test_anon_peak_sees_a_short_lived_allocation_and_not_mapped_files(overhead, tmp_path):
+    import mmap
+    import time
+
+    import numpy as np
+
+    memory = sys.modules["_memory"]
+    mapped = tmp_path / "weights.bin"
+    mapped.write_bytes(b"\1" * (64 << 20))
+    with memory.AnonPeak() as peak:
+        start = memory.anon_mib()
+        with open(mapped, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            assert sum(view[i] for i in range(0, len(view), 4096)) == len(view) // 4096  # 64 MiB of file pages
+            file_only = memory.anon_mib()
+        block = np.ones(96 << 20, dtype=np.uint8)  # 96 MiB of anonymous pages, touched
+        time.sleep(0.1)  # ten sampling intervals
+        del block
+    assert file_only - start < 16  # the mapped file's pages are not anonymous
+    assert peak.peak_mib - start >= 80  # the freed block's peak was caught
