@@ -186,6 +186,7 @@ def build_store(model_dir: Path, task_dir: Path, out: Path, args) -> Path:
                  "--include_path", str(task_dir), "--keep", "all", "--out", str(out)])
     if code:
         raise SystemExit(f"building the reference store failed (exit {code})")
+    gc.collect()  # the builder's model, before the runs load theirs
     return out
 
 
@@ -321,8 +322,14 @@ def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> 
         figures["neighbours_prepared"] = remixer.loss_cache.prepared
     if args.device.startswith("cuda"):
         figures["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    del lm, out
-    gc.collect()  # the next config loads its own copy of the model
+    return figures
+
+
+def run_and_free(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> dict:
+    """:func:`run_one`, then its model freed before the next config loads its own copy (the LM and its
+    Remixer reference each other, so only a collection frees them; at full size two copies do not fit)."""
+    figures = run_one(config, model_dir, store, task_dir, args)
+    gc.collect()
     return figures
 
 
@@ -379,11 +386,11 @@ def main() -> int:
         start = time.perf_counter()
         store = build_store(model_dir, tmp / "tasks", tmp / "store", args)
         store_s = time.perf_counter() - start
-        run_one("hf", model_dir, store, tmp / "tasks", args)  # warm-up: imports, dataset cache, kernels
+        run_and_free("hf", model_dir, store, tmp / "tasks", args)  # warm-up: imports, dataset cache, kernels
         runs: dict[str, list[dict]] = {c: [] for c in configs}
         for _ in range(args.repeats):  # rounds through every config, so slow drifts of the machine hit all alike
             for c in configs:
-                runs[c].append(run_one(c, model_dir, store, tmp / "tasks", args))
+                runs[c].append(run_and_free(c, model_dir, store, tmp / "tasks", args))
         results = {c: _median_run(r) for c, r in runs.items()}
 
     hf, hf_model = results["hf"]["seconds"], results["hf"]["loglikelihood_s"]
