@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Self
 
 
 def _status_kib(key: str) -> int:
@@ -48,7 +49,7 @@ class AnonPeak:
             if self._stop.wait(self.interval):
                 return
 
-    def __enter__(self) -> AnonPeak:
+    def __enter__(self) -> Self:
         self.peak_kib = _status_kib("RssAnon")
         self._thread.start()
         return self
