@@ -110,7 +110,8 @@ class Remixer:
 
     def pathways(self, texts: Sequence[str], contexts: Sequence[Sequence[int]], progress: bool = True
                  ) -> list[torch.Tensor]:
-        """omega* ``[1, P * L_crit, E]`` (slot-major rows) of each context, given as the tokens the model sees (already truncated)."""
+        """omega* ``[1, P * L_crit, E]`` (slot-major rows) of each context, given as the tokens the model sees
+        (already truncated)."""
         out: list[torch.Tensor] = []
         for part in self._batches(len(contexts), "re-mixing", progress):
             batch = [list(c) for c in contexts[part]]

@@ -67,7 +67,8 @@ class PathwayOverride:
     """Write each context's pathway (keyed by its token ids) at its context positions.
 
     A pathway is ``[1, P * L_crit, E]`` with slot-major rows, as the re-mixers return it
-    (:func:`~lm_eval_c3po.routing.own_pathways`); one of ``L_crit`` rows alone is written at every slot.
+    (:func:`~lm_eval_c3po.routing.own_pathways`); a pathway of one slot (``[1, L_crit, E]``) is written at
+    every slot.
     """
 
     def __init__(self, routing: RoutingController, pathways: Mapping[Key, torch.Tensor], layers: Sequence[int],
