@@ -37,7 +37,10 @@ per run: "anon MiB" is the peak anonymous resident memory (``RssAnon``,
 sampled; not RSS, which also counts the safetensors pages the loader keeps
 mapped) from the model's load to the end of the evaluation, "+ run" its rise
 over the model just loaded (activations, the optimisation batch, the store);
-the JSON also has peak RSS and, on a GPU, peak CUDA memory.
+the JSON also has peak RSS and, on a GPU, peak CUDA memory. "est MiB" is the
+largest optimisation part's estimated bytes
+(:mod:`lm_eval_c3po.score.footprint`) and "parts" the parts the remix batches
+ran in under ``--remix-memory`` (c3po's ``remix_memory``: parts/batches).
 
 Counted work (:class:`~lm_eval_c3po.score.cost.CostMeter`): decoder
 token-layer evaluations, i.e. for every call of a decoder layer, the rows x
@@ -75,6 +78,8 @@ several percent between runs).
     python benchmarks/overhead.py --device cuda --shape olmoe-1b-7b --configs hf,base,kernel_regression,ngd
     python benchmarks/overhead.py --shape olmoe-1b-7b --dtype bfloat16 --questions 8 --batch-size 4 \
         --configs hf,base,kernel_regression,ngd   # real size on a CPU with AVX512-bf16
+    python benchmarks/overhead.py --shape olmoe-1b-7b --dtype bfloat16 --questions 8 --batch-size 4 \
+        --configs hf,kernel_regression,ngd --remix-memory 256MiB   # the same with the batch split
 """
 
 from __future__ import annotations
@@ -276,8 +281,8 @@ def make_lm(config: str, model_dir: Path, store: Path, args):
     if config == "hf":
         return HFLM(**common)
     options = C3PO_ARGS[config]
-    extra = {} if options["method"] == "base" else {"reference": str(store),
-                                                     "remix_batch_size": args.remix_batch_size}
+    extra = {} if options["method"] == "base" else {"reference": str(store), "remix_batch_size": args.remix_batch_size,
+                                                     "remix_memory": args.remix_memory}
     return C3POLM(**common, **options, **extra)
 
 
@@ -320,6 +325,8 @@ def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> 
     if remixer is not None:
         figures["scoring_s"] = round(figures["loglikelihood_s"] - figures.get("remix_s", 0.0), 3)
         figures["neighbours_prepared"] = remixer.loss_cache.prepared
+        figures["remix_batches"], figures["remix_parts"] = remixer.split.batches, remixer.split.parts
+        figures["estimated_part_mib"] = round(remixer.split.largest_part_bytes / 2**20, 1)
     if args.device.startswith("cuda"):
         figures["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return figures
@@ -349,6 +356,9 @@ def main() -> int:
     parser.add_argument("--remix-batch-size", type=int, default=C3POConfig.remix_batch_size,
                         help=f"test contexts re-mixed together (c3po's remix_batch_size, default "
                              f"{C3POConfig.remix_batch_size})")
+    parser.add_argument("--remix-memory", default=C3POConfig.remix_memory,
+                        help="c3po's remix_memory, the byte budget of one optimisation part (default auto: half "
+                             "of the device's free memory at each remix batch; e.g. 512MiB)")
     parser.add_argument("--answers", choices=("words", "letters"), default="words",
                         help="words: 1-3 word choices, several answer tokens each (default); letters: MMLU-style "
                              "options in the question, one answer token per choice")
@@ -407,7 +417,7 @@ def main() -> int:
                                                                 "num_experts_per_tok", "vocab_size")},
                   "batch_size": args.batch_size, "device": args.device,
                   "dtype": args.dtype, "threads": args.threads, "remix_batch_size": args.remix_batch_size,
-                  "repeats": args.repeats, "store_build_s": round(store_s, 2),
+                  "remix_memory": args.remix_memory, "repeats": args.repeats, "store_build_s": round(store_s, 2),
                   "torch": torch.__version__},
         "runs": results,
     }
@@ -434,16 +444,22 @@ def _median_run(runs: list[dict]) -> dict:
             "seconds_all": [f["seconds"] for f in runs]}
 
 
+def _parts(figures: dict) -> str:
+    """Optimisation parts over remix batches (``remix_memory``'s splits), blank where nothing was optimised."""
+    return f"{figures['remix_parts']}/{figures['remix_batches']}" if figures.get("remix_batches") else ""
+
+
 def _print(summary: dict) -> None:
     print(json.dumps(summary["setup"]))
     head = (f"{'config':<24}{'model s':>9}{'x hf':>7}{'wall s':>9}{'x hf':>7}{'acc':>7}{'embed s':>9}"
-            f"{'remix s':>9}{'score s':>9}{'anon MiB':>10}{'+ run':>8}")
+            f"{'remix s':>9}{'score s':>9}{'anon MiB':>10}{'+ run':>8}{'est MiB':>9}{'parts':>7}")
     print(head)
     for name, f in summary["runs"].items():
         print(f"{name:<24}{f['loglikelihood_s']:>9.2f}{f['model_ratio_to_hf']:>7.2f}{f['seconds']:>9.2f}"
               f"{f['ratio_to_hf']:>7.2f}{f['acc']:>7.3f}"
               f"{f.get('embed_s', 0):>9.2f}{f.get('remix_s', 0):>9.2f}{f.get('scoring_s', f['seconds']):>9.2f}"
-              f"{f['peak_anon_mib']:>10.0f}{f['peak_anon_mib'] - f['loaded_anon_mib']:>8.0f}")
+              f"{f['peak_anon_mib']:>10.0f}{f['peak_anon_mib'] - f['loaded_anon_mib']:>8.0f}"
+              f"{f.get('estimated_part_mib', 0):>9.0f}{_parts(f):>7}")
     print("token-layer evaluations per question (backward x2 in fwd-equiv); us/tl: model s per fwd-equiv "
           "token-layer; x floor: model s / (fwd-equiv x hf's s per token-layer)")
     print(f"{'config':<24}{'own':>9}{'nbrs':>9}{'opt fwd':>9}{'opt bwd':>9}{'fwd-equiv':>11}{'us/tl':>8}"

@@ -31,6 +31,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    """``--model c3po`` over the tiny OLMoE in float32 (method base: each test builds the Remixer it needs)."""
+    from lm_eval_c3po.lm_eval_model import C3POLM
+
+    return C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=4)
+
+
+def remixer_for(lm, store_dir, **options):
+    """A Remixer over ``store_dir`` with ``options`` (c3po model_args) resolved for ``lm``'s model."""
+    from lm_eval_c3po.remix import C3POConfig, Remixer
+
+    config = C3POConfig.from_model_args({"reference": str(store_dir), **options}).resolved_for(lm.routing)
+    return Remixer.from_lm(lm, config)
+
+
 TINY_MC_DOCS = [
     ("What is the capital of France?", ["Paris", "London", "Rome"], 0),
     ("Which animal is a mammal?", ["trout", "whale", "shark"], 1),

@@ -7,29 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MC_DOCS, remixer_for
 
-from conftest import TINY_MC_DOCS
 from lm_eval_c3po import remix as methods
 from lm_eval_c3po.lm_eval_model import score_with_pathways
-from lm_eval_c3po.remix import C3POConfig, Remixer
+from lm_eval_c3po.remix import Remixer
 from lm_eval_c3po.score import Example, TrieScorer, choice_loss
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir):
-    from lm_eval_c3po.lm_eval_model import C3POLM
-
-    return C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=4)
 
 
 @pytest.fixture(scope="module")
 def store_dir(tiny_store_dir):
     return tiny_store_dir
-
-
-def _remixer(lm, store_dir, **options) -> Remixer:
-    config = C3POConfig.from_model_args({"reference": str(store_dir), **options}).resolved_for(lm.routing)
-    return Remixer.from_lm(lm, config)
 
 
 def _examples(lm, docs):
@@ -42,7 +30,7 @@ def _examples(lm, docs):
 
 
 def test_ngd_lowers_the_neighbourhood_loss(lm, store_dir):
-    remixer = _remixer(lm, store_dir, method="ngd", steps=10)
+    remixer = remixer_for(lm, store_dir, method="ngd", steps=10)
     texts = [f"Question: {q}\nAnswer:" for q, _, _ in TINY_MC_DOCS]
     neighbours, weights = remixer.retriever(texts)
     loss = remixer.neighbourhood_loss(neighbours, weights)
@@ -56,7 +44,7 @@ def test_ngd_lowers_the_neighbourhood_loss(lm, store_dir):
 
 
 def test_oracle_lowers_each_samples_own_loss(lm, store_dir):
-    remixer = _remixer(lm, store_dir, method="ngd", steps=10)
+    remixer = remixer_for(lm, store_dir, method="ngd", steps=10)
     rng = np.random.default_rng(0)
     words = ["sun", "water", "bread", "fox", "whale", "spoon", "Paris", "book", "east", "soup"]
     docs = []
@@ -74,7 +62,7 @@ def test_oracle_lowers_each_samples_own_loss(lm, store_dir):
 
 def test_kernel_regression_k1_alpha0_writes_the_neighbours_pathway(lm, store_dir):
     experts = lm.routing.num_experts
-    remixer = _remixer(lm, store_dir, method="kernel_regression", k=1, alpha=0.0, core_experts=experts)
+    remixer = remixer_for(lm, store_dir, method="kernel_regression", k=1, alpha=0.0, core_experts=experts)
     text = "Question: Where does the sun rise?\nAnswer:"
     context = lm.tok_encode(text)
     (omega,) = remixer.pathways([text], [context])[0]
@@ -101,8 +89,8 @@ def test_kernel_regression_k1_alpha0_writes_the_neighbours_pathway(lm, store_dir
 def test_same_seed_same_numbers(lm, store_dir):
     texts = [f"Question: {q}\nAnswer:" for q, _, _ in TINY_MC_DOCS[:4]]
     contexts = [lm.tok_encode(t) for t in texts]
-    a = _remixer(lm, store_dir, method="ngd", seed=7).pathways(texts, contexts)
-    b = _remixer(lm, store_dir, method="ngd", seed=7).pathways(texts, contexts)
+    a = remixer_for(lm, store_dir, method="ngd", seed=7).pathways(texts, contexts)
+    b = remixer_for(lm, store_dir, method="ngd", seed=7).pathways(texts, contexts)
     assert len(a) == len(b) == 4 and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -220,7 +208,7 @@ def test_scoring_from_the_capture_pass_equals_hooked_lm_eval_batches(lm, slot_st
     """The fast path (one prefix pass per context for its own pathway and all its choices) gives
     the numbers of lm-eval's own padded batches with the same pathways hooked in (several token slots too:
     the hook unfolds the slot-major ``[1, P * L_crit, E]`` pathway)."""
-    remixer = _remixer(lm, slot_store_dir, method=method, steps=4, remix_batch_size=3, tokens=tokens)
+    remixer = remixer_for(lm, slot_store_dir, method=method, steps=4, remix_batch_size=3, tokens=tokens)
     texts = [f"Question: {q}\nAnswer:" for q, _, _ in TINY_MC_DOCS[:5]]
     choices = [[" " + c for c in doc[1]] for doc in TINY_MC_DOCS[:5]]
     contexts = [lm.tok_encode(t) for t in texts]
@@ -237,7 +225,7 @@ def test_scoring_from_the_capture_pass_equals_hooked_lm_eval_batches(lm, slot_st
 
 
 def test_own_routing_from_the_prepared_trie_equals_the_capture_api(lm, store_dir):
-    remixer = _remixer(lm, store_dir, method="ngd")
+    remixer = remixer_for(lm, store_dir, method="ngd")
     examples = _examples(lm, TINY_MC_DOCS[:4])
     scorer = TrieScorer(lm.model, lm.routing, remixer.layer_ids, "last", [[e] for e in examples], lm.max_length)
     expected = remixer.own_pathways([e.context for e in examples])
@@ -246,7 +234,7 @@ def test_own_routing_from_the_prepared_trie_equals_the_capture_api(lm, store_dir
 
 def test_answers_share_their_common_leading_tokens(lm, store_dir):
     """Choices share the last context token and the answer tokens they agree on (one trie per example)."""
-    remixer = _remixer(lm, store_dir, method="ngd")
+    remixer = remixer_for(lm, store_dir, method="ngd")
     context = lm.tok_encode("Question: Which is a mammal?\nAnswer:")
     a, b = lm.tok_encode(" whale")[:1], lm.tok_encode(" fox")[:1]
     example = Example(context, [a, b, a + b], 0)

@@ -8,10 +8,13 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import ALL_SLOTS, TINY_MC_DOCS, remixer_for
 
-from conftest import ALL_SLOTS, TINY_MC_DOCS
-from lm_eval_c3po.remix import C3POConfig, Remixer
-from lm_eval_c3po.retrieve import bandwidth_from_neighbour_distances, kernel_weights_from_cosine
+from lm_eval_c3po.remix import C3POConfig
+from lm_eval_c3po.retrieve import (
+    bandwidth_from_neighbour_distances,
+    kernel_weights_from_cosine,
+)
 from lm_eval_c3po.routing import own_pathways, token_positions, token_slots
 from lm_eval_c3po.score import Example, causal_row, choice_loss
 from lm_eval_c3po.store import ReferenceStore, StoreMismatchError
@@ -79,22 +82,10 @@ def test_a_run_needing_slots_the_store_lacks_is_refused(tiny_model_dir, tiny_sto
                reference=str(tiny_store_dir))
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir):
-    from lm_eval_c3po.lm_eval_model import C3POLM
-
-    return C3POLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=4)
-
-
-def _remixer(lm, store_dir, **options) -> Remixer:
-    config = C3POConfig.from_model_args({"reference": str(store_dir), **options}).resolved_for(lm.routing)
-    return Remixer.from_lm(lm, config)
-
-
 def test_only_correctly_answered_references_are_neighbours(lm, tiny_store_dir):
     full = ReferenceStore.load(tiny_store_dir)
     assert full.manifest.build["keep"] == "all" and not full.correct.all()  # the fixture stores wrong answers
-    remixer = _remixer(lm, tiny_store_dir, method="ngd", k=4)
+    remixer = remixer_for(lm, tiny_store_dir, method="ngd", k=4)
     assert len(remixer.store) == int(full.correct.sum())
     assert set(remixer.store.ids) == {full.ids[i] for i in np.flatnonzero(full.correct)}
     neighbours, _ = remixer.retriever([f"Question: {q}\nAnswer:" for q, _, _ in TINY_MC_DOCS])
@@ -103,7 +94,7 @@ def test_only_correctly_answered_references_are_neighbours(lm, tiny_store_dir):
 
 
 def test_icl_demonstrations_carry_lm_evals_single_delimiter(lm, tiny_store_dir):
-    remixer = _remixer(lm, tiny_store_dir, method="icl", k=1)
+    remixer = remixer_for(lm, tiny_store_dir, method="icl", k=1)
     (request,) = _requests(1)[:1]
     (prefixed,) = remixer.with_demonstrations([request])
     neighbours, _ = remixer.retriever([request.args[0]])
@@ -116,7 +107,7 @@ def test_icl_demonstrations_carry_lm_evals_single_delimiter(lm, tiny_store_dir):
 
 def test_epsilon_ball_sizes_and_fallbacks_reach_diagnostics_and_a_summary(lm, tiny_store_dir, tmp_path, caplog):
     diag = tmp_path / "diag.jsonl"
-    remixer = _remixer(lm, tiny_store_dir, method="kernel_regression", eps=1e-6, eps_candidates=3, alpha=0.5,
+    remixer = remixer_for(lm, tiny_store_dir, method="kernel_regression", eps=1e-6, eps_candidates=3, alpha=0.5,
                        diagnostics=str(diag))
     texts = [f"Question: {q}\nAnswer:" for q, _, _ in TINY_MC_DOCS[:3]]
     remixer.pathways(texts, [lm.tok_encode(t) for t in texts], progress=False)
@@ -146,7 +137,7 @@ def test_gold_loss_is_the_gold_continuations_nll(lm):
 def test_mode_finding_over_text_neighbours_moves_towards_them(lm, tiny_store_dir):
     text = "Question: Where does the sun rise?\nAnswer:"
     context = lm.tok_encode(text)
-    text_mode = _remixer(lm, tiny_store_dir, method="mode_finding", mode_neighbourhood="text", k=2, alpha=0.0,
+    text_mode = remixer_for(lm, tiny_store_dir, method="mode_finding", mode_neighbourhood="text", k=2, alpha=0.0,
                          mode_iters=1, core_experts=lm.routing.num_experts)
     (omega,) = text_mode.pathways([text], [context], progress=False)[0]
     neighbours, _ = text_mode.retriever([text])
@@ -159,7 +150,7 @@ def test_mode_finding_over_text_neighbours_moves_towards_them(lm, tiny_store_dir
 
 
 def test_polynomial_kernel_takes_degree_and_coef0(lm, tiny_store_dir):
-    remixer = _remixer(lm, tiny_store_dir, method="ngd", kernel="polynomial", degree=3, coef0=0.5)
+    remixer = remixer_for(lm, tiny_store_dir, method="ngd", kernel="polynomial", degree=3, coef0=0.5)
     assert (remixer.retriever.kernel.name, remixer.retriever.kernel.degree, remixer.retriever.kernel.coef0) == (
         "polynomial", 3, 0.5)
     cos = torch.tensor([[0.8, 0.6]])
@@ -282,7 +273,7 @@ def test_cost_meter_counts_token_layer_evaluations_by_hand(lm):
 
 def test_diagnostics_record_cost_and_the_prediction_at_every_ngd_step(lm, tiny_store_dir, tmp_path):
     diag = tmp_path / "diag.jsonl"
-    remixer = _remixer(lm, tiny_store_dir, method="ngd", steps=3, record_steps=True, diagnostics=str(diag))
+    remixer = remixer_for(lm, tiny_store_dir, method="ngd", steps=3, record_steps=True, diagnostics=str(diag))
     docs = TINY_MC_DOCS[:3]
     texts = [f"Question: {q}\nAnswer:" for q, _, _ in docs]
     conts = [[lm.tok_encode(" " + c) for c in choices] for _, choices, _ in docs]

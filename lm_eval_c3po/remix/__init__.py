@@ -5,6 +5,7 @@
   the maths as pure tensor functions;
 - :mod:`.config`: the ``--model c3po`` options, validated in one place;
 - :mod:`.remixer`: retrieval + method + neighbourhood loss for batches of test contexts;
+- :mod:`.memory`: ``remix_memory``, the byte budget that splits a remix batch's optimisation;
 - :mod:`.oracle`, :mod:`.icl`: the analysis upper bound and the in-context baseline.
 """
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from lm_eval_c3po.remix.memory import AUTO, parse_bytes
 from lm_eval_c3po.remix.methods import METHODS, MODE_NEIGHBOURHOODS
 from lm_eval_c3po.remix.ngd import SCHEDULES
 from lm_eval_c3po.retrieve import BANDWIDTH_RULES, DEFAULT_EMBEDDER, KERNEL_CHOICES
@@ -62,6 +63,7 @@ class C3POConfig:
     diagnostics: str | None = None
     record_steps: bool = False  # diagnostics: the test context's predicted choice at every NGD step
     remix_batch_size: int = 32
+    remix_memory: str | int = AUTO  # bytes one optimisation may hold (8GB, 512MiB, ...): auto = half the free memory
     layer_ids: tuple[int, ...] = field(default=(), compare=False)  # resolved against the model
 
     @classmethod
@@ -116,6 +118,10 @@ class C3POConfig:
         _number("steps", self.steps, int, low=0)
         _number("mode_iters", self.mode_iters, int, low=1)
         _number("remix_batch_size", self.remix_batch_size, int, low=1)
+        try:
+            parse_bytes(self.remix_memory)
+        except ValueError as err:
+            raise C3POConfigError(str(err)) from None
         _number("seed", self.seed, int, low=0)
         _number("lr", self.lr, float, low=0, open_low=True)
         _number("lr_min", self.lr_min, float, low=0)

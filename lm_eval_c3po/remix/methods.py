@@ -10,7 +10,7 @@ functions in this package (:mod:`.mode_finding`, :mod:`.kernel_regression`,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lm_eval_c3po.remix.kernel_regression import blend, choose_alpha, weighted_average
+from lm_eval_c3po.remix.kernel_regression import ALPHA_GRID, blend, choose_alpha, weighted_average
 from lm_eval_c3po.remix.mode_finding import mean_shift
 from lm_eval_c3po.remix.ngd import NGDResult, optimise_pathway
 from lm_eval_c3po.retrieve import KernelSpec, Neighbours
@@ -69,11 +69,32 @@ class Solution:
     alpha: list[float | None] = field(default_factory=list)  # kernel regression's chosen alpha per context
     losses: list[list[float]] = field(default_factory=list)  # the objective per step / candidate per context
 
+    @classmethod
+    def joined(cls, parts: Sequence[Solution]) -> Solution:
+        """The solution of a batch solved in consecutive parts (:func:`~lm_eval_c3po.remix.memory.split_by_bytes`)."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(torch.cat([p.omega for p in parts]), [a for p in parts for a in p.alpha],
+                   [loss for p in parts for loss in p.losses])
+
+
+@dataclass(frozen=True)
+class LossCalls:
+    """How a method calls the neighbourhood loss: what its memory grows with (:mod:`.memory`)."""
+
+    candidates: int  # pathways per context in one call (kernel regression's alpha grid)
+    grad: bool  # under autograd (the whole call's graph is kept until the backward pass)
+
+
+def _no_loss(options: MethodOptions) -> LossCalls | None:
+    return None
+
 
 @dataclass(frozen=True)
 class Method:
     name: str
     pathway: Callable[[Problem], Solution] | None = None
+    loss_calls: Callable[[MethodOptions], LossCalls | None] = _no_loss  # None: never calls the loss
     rewrites_prompt: bool = False
     needs_reference: bool = True
     needs_gold: bool = False  # an analysis bound that reads each doc's answer (only through `c3po oracle`)
@@ -121,8 +142,9 @@ METHODS: dict[str, Method] = {
     for method in (
         Method("base", needs_reference=False),
         Method("mode_finding", _mode_finding),
-        Method("kernel_regression", _kernel_regression),
-        Method("ngd", _ngd),
+        Method("kernel_regression", _kernel_regression,
+               lambda o: None if o.alpha is not None else LossCalls(len(ALPHA_GRID), grad=False)),
+        Method("ngd", _ngd, lambda o: LossCalls(1, grad=True)),
         Method("icl", rewrites_prompt=True),
         Method("oracle", needs_reference=False, needs_gold=True),
     )

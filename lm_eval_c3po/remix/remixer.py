@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -26,13 +27,17 @@ from tqdm.auto import tqdm
 from lm_eval_c3po.remix.config import C3POConfig
 from lm_eval_c3po.remix.core_experts import core_expert_mask
 from lm_eval_c3po.remix.icl import demonstration_prefixes, with_prefixes
+from lm_eval_c3po.remix.memory import budget_bytes, parse_bytes, split_by_bytes
 from lm_eval_c3po.remix.methods import METHODS, Problem, Solution
 from lm_eval_c3po.remix.oracle import oracle_pathways
 from lm_eval_c3po.retrieve import Embedder, Neighbours, Retriever, as_kernel_spec
 from lm_eval_c3po.routing import RoutingController, input_device, own_pathways, token_slots
 from lm_eval_c3po.score import ChoiceLoss, Example, PrefixCache, TrieScorer, choice_loss, fast_path_applies
 from lm_eval_c3po.score.cost import CostMeter
+from lm_eval_c3po.score.footprint import Footprint, LossShape
 from lm_eval_c3po.store import ReferenceStore, lm_signature, resolve_store
+
+logger = logging.getLogger(__name__)
 
 
 class StepPredictions:
@@ -50,6 +55,17 @@ class StepPredictions:
             ll, _ = self.scorer.row_scores(omega)
         for b, part in enumerate(ll.split(self.choices)):
             self.predictions[b].append(int(part.argmax()))
+
+    def part(self, contexts: Sequence[int]) -> StepPredictions:
+        """The observer of a part of the batch (:meth:`Remixer._parts`): its contexts' tries come from this
+        scorer's cache, their predictions land in this observer's lists."""
+        scorer = self.scorer
+        sub = StepPredictions(TrieScorer(scorer.model, scorer.routing, scorer.layer_ids, scorer.tokens,
+                                         [scorer.examples[b] for b in contexts], scorer.max_length,
+                                         scorer.budget_rows, scorer.cache, scorer.softmax_dtype),
+                              [self.choices[b] for b in contexts], self.cost)
+        sub.predictions = [self.predictions[b] for b in contexts]
+        return sub
 
 
 @dataclasses.dataclass
@@ -69,6 +85,21 @@ class BallCounts:
         mean = self.neighbours / max(self.contexts, 1)
         return (f"c3po: epsilon-ball eps={eps} over the {candidates} nearest references: {self.contexts} contexts, "
                 f"{mean:.2f} neighbours on average, {self.fallbacks} empty balls fell back to the single nearest")
+
+
+@dataclasses.dataclass
+class SplitCounts:
+    """What ``remix_memory`` did over a run: remix batches, the parts they were optimised in, and the largest
+    part's estimated bytes (benchmarks set it beside the measured peak)."""
+
+    batches: int = 0
+    parts: int = 0
+    largest_part_bytes: int = 0
+
+    def add(self, part_bytes: list[int]) -> None:
+        self.batches += 1
+        self.parts += len(part_bytes)
+        self.largest_part_bytes = max([self.largest_part_bytes, *part_bytes])
 
 
 class Remixer:
@@ -94,6 +125,10 @@ class Remixer:
         self._diagnostics = Path(config.diagnostics) if config.diagnostics else None
         self._references: torch.Tensor | None = None
         self.cost = CostMeter(model)  # token-layer evaluations per phase (diagnostics "cost")
+        self.memory_setting = parse_bytes(config.remix_memory)  # None: a share of the device's free memory
+        self._loss_shape: LossShape | None = None
+        self.split = SplitCounts()
+        self._reported_split = self._warned_over_budget = False
 
     @classmethod
     def from_lm(cls, lm, config: C3POConfig, embedder: Embedder | None = None) -> Remixer:
@@ -173,13 +208,31 @@ class Remixer:
 
     def _remix(self, texts: list[str], omega0: torch.Tensor, observe: StepPredictions | None = None
                ) -> tuple[torch.Tensor, list[dict]]:
-        """omega* of a batch and its diagnostics records (empty without ``diagnostics``)."""
+        """omega* of a batch and its diagnostics records (empty without ``diagnostics``).
+
+        The batch is optimised in parts that fit ``remix_memory`` (:mod:`.memory`); the parts give the numbers
+        of the whole, since no context's optimisation reads another's.
+        """
         if self.method.pathway is None:
             raise ValueError(f"method {self.config.method!r} does not re-mix pathways")
         neighbours, weights = self.retriever(texts)
         if self.config.eps is not None:
             self.ball.add(neighbours)
-        problem = Problem(
+        parts = self._parts(neighbours)
+        solutions = []
+        for part in parts:
+            rows = torch.tensor(part)
+            part_observe = observe if observe is None or len(parts) == 1 else observe.part(part)
+            problem = self._problem(omega0[rows], neighbours.take(rows), weights[rows], part_observe)
+            with self.cost.phase("optimisation"):
+                solutions.append(self.method.pathway(problem))
+        solution = Solution.joined(solutions)
+        omega = solution.omega.detach()
+        return omega, self._diagnostic_records(texts, omega0, omega, neighbours, weights, solution)
+
+    def _problem(self, omega0: torch.Tensor, neighbours: Neighbours, weights: torch.Tensor,
+                 observe: StepPredictions | None) -> Problem:
+        return Problem(
             omega0=omega0,
             free=core_expert_mask(omega0, self.config.core_experts, self.routing.top_k),
             neighbours=neighbours,
@@ -194,10 +247,44 @@ class Remixer:
             simplex=self.simplex,
             observe=observe,
         )
-        with self.cost.phase("optimisation"):
-            solution = self.method.pathway(problem)
-        omega = solution.omega.detach()
-        return omega, self._diagnostic_records(texts, omega0, omega, neighbours, weights, solution)
+
+    def _parts(self, neighbours: Neighbours) -> list[list[int]]:
+        """The batch's contexts in consecutive parts whose estimated optimisation bytes fit the budget."""
+        contexts = len(neighbours.valid)
+        calls = self.method.loss_calls(self.config)
+        if calls is None:
+            return [list(range(contexts))]
+        if self._loss_shape is None:
+            cached = fast_path_applies(self.model, self.routing, self.layer_ids, self.max_length)
+            self._loss_shape = LossShape.of(self.model, self.routing, self.layer_ids, cached, self.softmax_dtype)
+        footprints = [
+            self._loss_shape.call([self.reference_example(int(r)) for r, ok in zip(row, valid) if ok],
+                                  self.max_length, self.config.tokens, self.config.loss, calls.candidates, calls.grad)
+            for row, valid in zip(neighbours.indices.tolist(), neighbours.valid.tolist())
+        ]
+        budget = budget_bytes(self.memory_setting, self.device)
+        parts = split_by_bytes(footprints, budget)
+        part_bytes = [sum((footprints[i] for i in part), Footprint()).bytes for part in parts]
+        self.split.add(part_bytes)
+        if len(parts) > 1 or (budget is not None and max(part_bytes, default=0) > budget):
+            self._report_split(part_bytes, contexts, budget)
+        return parts
+
+    def _report_split(self, part_bytes: list[int], contexts: int, budget: int) -> None:
+        """Say once per run that batches are split, and warn once about a context over the budget on its own."""
+        gib = 2**30
+        if max(part_bytes) > budget and not self._warned_over_budget:
+            self._warned_over_budget = True
+            logger.warning(
+                "c3po: one context's %s optimisation is estimated at %.2f GiB, over remix_memory=%s (%.2f GiB); "
+                "it runs alone and may still run out of memory: lower k or max_length, raise remix_memory, or "
+                "free device memory", self.config.method, max(part_bytes) / gib, self.config.remix_memory,
+                budget / gib)
+        if len(part_bytes) > 1 and not self._reported_split:
+            self._reported_split = True
+            logger.info("c3po: remix batches are optimised in parts to fit remix_memory=%s (%.2f GiB now): "
+                        "%d contexts in %d parts, the largest estimated at %.3f GiB", self.config.remix_memory,
+                        budget / gib, contexts, len(part_bytes), max(part_bytes) / gib)
 
     def _prepared(self, loss: ChoiceLoss) -> ChoiceLoss:
         """Prepare the neighbours of a prefix-cached loss now, so their passes count as neighbour work."""

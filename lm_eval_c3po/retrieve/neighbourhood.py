@@ -43,6 +43,11 @@ class Neighbours:
     valid: Tensor
     fallback: Tensor
 
+    def take(self, contexts: Tensor) -> Neighbours:
+        """The neighbours of the contexts ``contexts`` (an index into the leading dimension)."""
+        return Neighbours(self.indices[contexts], self.similarities[contexts], self.valid[contexts],
+                          self.fallback[contexts])
+
 
 def _sorted_candidates(similarities: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Candidates sorted by similarity (desc), ties by id (asc); invalid ones last and padded."""

@@ -5,7 +5,9 @@
 - :mod:`.full_rows`: the reference scorer (whole model per row);
 - :mod:`.trie_scorer`: the prefix-cached scorer, built from :mod:`.tries`, :mod:`.packing`,
   :mod:`.decoder`, :mod:`.first_layer`, :mod:`.prepare` and :mod:`.prefix_cache`;
-- :mod:`.batch_hooks`: routing hooks around the padded batches lm-eval builds itself.
+- :mod:`.batch_hooks`: routing hooks around the padded batches lm-eval builds itself;
+- :mod:`.footprint`: the bytes a loss call will hold, estimated from the model's shapes before it runs;
+- :mod:`.cost`: counted work (token-layer evaluations) per phase.
 """
 
 from lm_eval_c3po.score.batch_hooks import PathwayOverride, Request, RoutingRecorder, RowPlan

@@ -17,13 +17,14 @@ import torch
 
 from lm_eval_c3po.routing import RoutingController, input_device, token_positions
 from lm_eval_c3po.score.examples import Example, answer_log_probs, layout_rows
+from lm_eval_c3po.score.packing import CHUNK_ROWS
 
 
 class FullRowScorer:
     """Row log-likelihoods of ``examples``' choices, ``max_rows`` padded rows per forward call."""
 
     def __init__(self, model, routing: RoutingController, layer_ids: Sequence[int], tokens: str,
-                 examples: Sequence[Sequence[Example]], max_length: int, max_rows: int = 64,
+                 examples: Sequence[Sequence[Example]], max_length: int, max_rows: int = CHUNK_ROWS,
                  softmax_dtype: torch.dtype | None = None):
         self.model, self.routing, self.layer_ids, self.tokens = model, routing, list(layer_ids), tokens
         self.examples, self.max_rows, self.softmax_dtype = examples, max_rows, softmax_dtype

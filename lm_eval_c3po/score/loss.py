@@ -29,6 +29,7 @@ from torch import Tensor
 from lm_eval_c3po.routing import RoutingController
 from lm_eval_c3po.score.examples import Example, Row
 from lm_eval_c3po.score.full_rows import FullRowScorer
+from lm_eval_c3po.score.packing import CHUNK_ROWS
 from lm_eval_c3po.score.prefix_cache import PrefixCache
 from lm_eval_c3po.score.trie_scorer import TrieScorer, fast_path_applies
 
@@ -110,7 +111,7 @@ class ChoiceLoss:
 
 
 def choice_loss(model, routing: RoutingController, layer_ids: Sequence[int], tokens: str,
-                examples: Sequence[Sequence[Example]], weights: Tensor, max_length: int, *, max_rows: int = 64,
+                examples: Sequence[Sequence[Example]], weights: Tensor, max_length: int, *, max_rows: int = CHUNK_ROWS,
                 cache: PrefixCache | None = None, cached: bool = True, objective: str = "choices",
                 softmax_dtype: torch.dtype | None = None) -> ChoiceLoss:
     """The loss over ``examples`` weighted by ``weights [B, >=n_b]``, on the prefix-cached scorer where the model

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+CHUNK_ROWS = 64  # a scorer's chunk holds as many tokens as this many of its longest rows
 CALL_COST_TOKENS = 256  # a forward call's fixed cost (kernel launches, routing sort), in tokens' worth
 
 

@@ -53,7 +53,7 @@ from lm_eval_c3po.routing import FAMILIES, RoutingController, input_device
 from lm_eval_c3po.score.decoder import KV, left_pad, run_after_prefix
 from lm_eval_c3po.score.examples import Example, answer_log_probs, layout_rows
 from lm_eval_c3po.score.first_layer import FirstCriticalLayer
-from lm_eval_c3po.score.packing import chunk_by_cost
+from lm_eval_c3po.score.packing import CHUNK_ROWS, chunk_by_cost
 from lm_eval_c3po.score.prefix_cache import PrefixCache, PreparedNeighbour
 from lm_eval_c3po.score.prepare import prepare
 from lm_eval_c3po.score.tries import Trie, build_tries
@@ -107,7 +107,7 @@ class TrieScorer:
     """
 
     def __init__(self, model, routing: RoutingController, layer_ids: Sequence[int], tokens: str,
-                 examples: Sequence[Sequence[Example]], max_length: int, max_rows: int = 64,
+                 examples: Sequence[Sequence[Example]], max_length: int, max_rows: int = CHUNK_ROWS,
                  cache: PrefixCache | None = None, softmax_dtype: torch.dtype | None = None):
         if not fast_path_applies(model, routing, layer_ids, max_length):
             raise ValueError("scoring from prepared tries needs a model on the prefix-cached path "
