@@ -19,36 +19,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from overhead import SHAPES, model_shape  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import torch
+from overhead import SHAPES, model_shape
+from torch.profiler import ProfilerActivity, profile
 
-from lm_eval_c3po.remix import ALPHA_GRID  # noqa: E402
-from lm_eval_c3po.routing import RoutingController, own_pathways  # noqa: E402
-from lm_eval_c3po.score import Example, choice_loss, fast_path_applies  # noqa: E402
-from lm_eval_c3po.score.footprint import Footprint, LossShape  # noqa: E402
-from lm_eval_c3po.testing import make_tiny_model  # noqa: E402
+from lm_eval_c3po.remix import ALPHA_GRID
+from lm_eval_c3po.routing import RoutingController, own_pathways
+from lm_eval_c3po.score import choice_loss
+from lm_eval_c3po.score.footprint import Footprint, LossShape
+from lm_eval_c3po.testing import make_tiny_model, random_neighbourhoods
 
 MAX_LENGTH = 256
 NEIGHBOURS = 3
-
-
-def synthetic_examples(contexts: int, seed: int = 0) -> list[list[Example]]:
-    rng = random.Random(seed)
-
-    def example() -> Example:
-        context = [rng.randrange(2, 300) for _ in range(rng.randrange(20, 60))]
-        choices = [[rng.randrange(2, 300) for _ in range(rng.randrange(1, 6))] for _ in range(4)]
-        return Example(context, choices, rng.randrange(4))
-
-    return [[example() for _ in range(NEIGHBOURS)] for _ in range(contexts)]
 
 
 def peak_bytes(fn, device: str) -> int:
@@ -65,6 +54,23 @@ def peak_bytes(fn, device: str) -> int:
     return max(totals) - totals[0]
 
 
+def loss_calls(loss, omega0: torch.Tensor) -> list[tuple[str, Callable[[], None], int, bool]]:
+    """One loss call as NGD makes it (forward and backward, one pathway per context) and as kernel
+    regression does (the alpha grid's candidates per context, no autograd): name, call, candidates, grad."""
+
+    def ngd_step() -> None:
+        with torch.enable_grad():
+            loss(omega0.clone().requires_grad_(True)).sum().backward()
+
+    candidates = omega0.unsqueeze(1).expand(-1, len(ALPHA_GRID), -1, -1).contiguous()
+
+    def alpha_grid() -> None:
+        with torch.no_grad():
+            loss(candidates)
+
+    return [("ngd", ngd_step, 1, True), ("kernel_regression", alpha_grid, len(ALPHA_GRID), False)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="small")
@@ -79,32 +85,19 @@ def main() -> int:
         model = make_tiny_model("olmoe", dtype=getattr(torch, args.dtype), **model_shape(args.shape, args.hidden, 384))
     routing = RoutingController(model)
     layer_ids = list(range(routing.num_layers - 5, routing.num_layers))
-    cached = fast_path_applies(model, routing, layer_ids, MAX_LENGTH)
-    shape = LossShape.of(model, routing, layer_ids, cached)
+    shape = LossShape.of(model, routing, layer_ids, MAX_LENGTH)
     print(json.dumps({"shape": args.shape, "hidden": model.config.hidden_size, "dtype": args.dtype,
                       "device": args.device, "critical_layers": layer_ids, "loss_shape": vars(shape)}))
     print(f"{'method':<20}{'contexts':>9}{'measured MiB':>14}{'estimate MiB':>14}{'estimate / measured':>21}")
     for contexts in (int(c) for c in args.contexts.split(",")):
-        examples = synthetic_examples(contexts)
+        examples = random_neighbourhoods(contexts, NEIGHBOURS)
         omega0 = own_pathways(model, routing, layer_ids, [items[0].context for items in examples], MAX_LENGTH,
                               "last")
         loss = choice_loss(model, routing, layer_ids, "last", examples, torch.ones(contexts, NEIGHBOURS),
                            MAX_LENGTH)
-        if cached:
+        if shape.cached:
             loss.scorer.trie_batch()  # prepared beforehand, as the Remixer does (the LRU holds them)
-
-        def ngd_step():
-            with torch.enable_grad():
-                loss(omega0.clone().requires_grad_(True)).sum().backward()
-
-        candidates = omega0.unsqueeze(1).expand(-1, len(ALPHA_GRID), -1, -1).contiguous()
-
-        def alpha_grid():
-            with torch.no_grad():
-                loss(candidates)
-
-        for name, fn, per, grad in (("ngd", ngd_step, 1, True), ("kernel_regression", alpha_grid, len(ALPHA_GRID),
-                                                                   False)):
+        for name, fn, per, grad in loss_calls(loss, omega0):
             measured = peak_bytes(fn, args.device)
             estimate = sum((shape.call(items, MAX_LENGTH, "last", "choices", per, grad) for items in examples),
                            Footprint()).bytes

@@ -8,6 +8,7 @@ it encodes any text without unknown tokens.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lm_eval_c3po.routing.families import FAMILIES
+from lm_eval_c3po.score import Example
 
 # Toy sizes shared by every family; each family's own knobs are in routing.families.FAMILIES.
 _COMMON = dict(
@@ -70,6 +72,19 @@ def make_tiny_model(family: str = "olmoe", seed: int = 0, vocab_size: int = 384,
     )
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def random_neighbourhoods(contexts: int, neighbours: int = 3, seed: int = 0) -> list[list[Example]]:
+    """``neighbours`` random 4-choice examples (20-60 context tokens, answers of 1-5 tokens) per test context,
+    for loss calls of realistic shape without a store; ids below 300 fit the offline tokenizer."""
+    rng = random.Random(seed)
+
+    def example() -> Example:
+        context = [rng.randrange(2, 300) for _ in range(rng.randrange(20, 60))]
+        choices = [[rng.randrange(2, 300) for _ in range(rng.randrange(1, 6))] for _ in range(4)]
+        return Example(context, choices, rng.randrange(4))
+
+    return [[example() for _ in range(neighbours)] for _ in range(contexts)]
 
 
 def save_tiny_model(path: str | Path, family: str = "olmoe", seed: int = 0) -> Path:

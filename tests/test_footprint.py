@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 import torch
 
 from lm_eval_c3po.routing import RoutingController, own_pathways
-from lm_eval_c3po.score import Example, choice_loss, fast_path_applies
+from lm_eval_c3po.score import choice_loss, fast_path_applies
 from lm_eval_c3po.score.footprint import (
     Footprint,
     LossShape,
@@ -18,20 +17,9 @@ from lm_eval_c3po.score.footprint import (
     trie_sizes,
 )
 from lm_eval_c3po.score.packing import CHUNK_ROWS
-from lm_eval_c3po.testing import make_tiny_model
+from lm_eval_c3po.testing import make_tiny_model, random_neighbourhoods
 
 MAX_LENGTH = 256
-
-
-def _examples(seed: int, contexts: int = 4, neighbours: int = 3) -> list[list[Example]]:
-    rng = random.Random(seed)
-
-    def example() -> Example:
-        context = [rng.randrange(2, 300) for _ in range(rng.randrange(20, 60))]
-        choices = [[rng.randrange(2, 300) for _ in range(rng.randrange(1, 6))] for _ in range(4)]
-        return Example(context, choices, rng.randrange(4))
-
-    return [[example() for _ in range(neighbours)] for _ in range(contexts)]
 
 
 def _saved_bytes(model, fn) -> int:
@@ -58,7 +46,7 @@ def test_the_estimate_bounds_what_an_ngd_loss_call_keeps(family, objective):
         else make_tiny_model(family)
     routing = RoutingController(model)
     layer_ids = [routing.num_layers - 2, routing.num_layers - 1]
-    examples = _examples(0)
+    examples = random_neighbourhoods(4, seed=0)
     cached = fast_path_applies(model, routing, layer_ids, MAX_LENGTH)
     assert cached == (family != "granitemoe")  # both scorers are covered
     loss = choice_loss(model, routing, layer_ids, "last", examples, torch.ones(4, 3), MAX_LENGTH, objective=objective)
@@ -68,7 +56,7 @@ def test_the_estimate_bounds_what_an_ngd_loss_call_keeps(family, objective):
         stacked = sum(t.numel() * t.element_size() for kv in batch.kv for t in kv)
     omega = own_pathways(model, routing, layer_ids, [items[0].context for items in examples], MAX_LENGTH, "last")
     measured = stacked + _saved_bytes(model, lambda: loss(omega.requires_grad_(True)).sum())
-    shape = LossShape.of(model, routing, layer_ids, cached)
+    shape = LossShape.of(model, routing, layer_ids, MAX_LENGTH)
     total = sum((shape.call(items, MAX_LENGTH, "last", objective, 1, grad=True) for items in examples), Footprint())
     estimate = dataclasses.replace(total, working=0).bytes  # what the call keeps, without the backward's working set
     assert measured <= estimate <= 3 * measured, (measured, estimate)
@@ -78,7 +66,7 @@ def test_the_estimate_reads_the_tries_the_scorer_prepares():
     model = make_tiny_model("olmoe")
     routing = RoutingController(model)
     layer_ids = [1, 2]
-    examples = _examples(1, contexts=2)
+    examples = random_neighbourhoods(2, seed=1)
     for tokens in ("last", "last:2", "first:1"):
         loss = choice_loss(model, routing, layer_ids, tokens, examples, torch.ones(2, 3), MAX_LENGTH)
         prepared = [(t.prefix_len, len(t.tokens), sum(len(s) for s in t.scored.values()))

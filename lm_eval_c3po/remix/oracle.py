@@ -11,7 +11,7 @@ from lm_eval_c3po.remix.core_experts import core_expert_mask
 from lm_eval_c3po.remix.memory import budget_bytes, parse_bytes, split_by_bytes
 from lm_eval_c3po.remix.methods import descend
 from lm_eval_c3po.routing import RoutingController, input_device, own_pathways
-from lm_eval_c3po.score import Example, choice_loss, fast_path_applies
+from lm_eval_c3po.score import Example, choice_loss
 from lm_eval_c3po.score.footprint import LossShape
 
 
@@ -35,8 +35,7 @@ def oracle_pathways_by_context(model, routing: RoutingController, config: C3POCo
     """Each example's oracle pathway ``[1, P * L_crit, E]`` keyed by its context ids (what
     :class:`~lm_eval_c3po.score.PathwayOverride` takes), ``batch_size`` examples per descent, split further to
     fit ``config.remix_memory`` as a remix batch is (:mod:`.memory`)."""
-    shape = LossShape.of(model, routing, config.layer_ids,
-                         fast_path_applies(model, routing, config.layer_ids, max_length), softmax_dtype)
+    shape = LossShape.of(model, routing, config.layer_ids, max_length, softmax_dtype)
     setting = parse_bytes(config.remix_memory)
     out: dict[tuple[int, ...], torch.Tensor] = {}
     for start in range(0, len(examples), batch_size):

@@ -31,8 +31,20 @@ from lm_eval_c3po.remix.memory import budget_bytes, parse_bytes, split_by_bytes
 from lm_eval_c3po.remix.methods import METHODS, Problem, Solution
 from lm_eval_c3po.remix.oracle import oracle_pathways
 from lm_eval_c3po.retrieve import Embedder, Neighbours, Retriever, as_kernel_spec
-from lm_eval_c3po.routing import RoutingController, input_device, own_pathways, token_slots
-from lm_eval_c3po.score import ChoiceLoss, Example, PrefixCache, TrieScorer, choice_loss, fast_path_applies
+from lm_eval_c3po.routing import (
+    RoutingController,
+    input_device,
+    own_pathways,
+    token_slots,
+)
+from lm_eval_c3po.score import (
+    ChoiceLoss,
+    Example,
+    PrefixCache,
+    TrieScorer,
+    choice_loss,
+    fast_path_applies,
+)
 from lm_eval_c3po.score.cost import CostMeter
 from lm_eval_c3po.score.footprint import Footprint, LossShape
 from lm_eval_c3po.store import ReferenceStore, lm_signature, resolve_store
@@ -126,7 +138,7 @@ class Remixer:
         self._references: torch.Tensor | None = None
         self.cost = CostMeter(model)  # token-layer evaluations per phase (diagnostics "cost")
         self.memory_setting = parse_bytes(config.remix_memory)  # None: a share of the device's free memory
-        self._loss_shape: LossShape | None = None
+        self.loss_shape = LossShape.of(model, routing, self.layer_ids, max_length, softmax_dtype)  # remix_memory
         self.split = SplitCounts()
         self._reported_split = self._warned_over_budget = False
 
@@ -254,14 +266,9 @@ class Remixer:
         calls = self.method.loss_calls(self.config)
         if calls is None:
             return [list(range(contexts))]
-        if self._loss_shape is None:
-            cached = fast_path_applies(self.model, self.routing, self.layer_ids, self.max_length)
-            self._loss_shape = LossShape.of(self.model, self.routing, self.layer_ids, cached, self.softmax_dtype)
-        footprints = [
-            self._loss_shape.call([self.reference_example(int(r)) for r, ok in zip(row, valid) if ok],
-                                  self.max_length, self.config.tokens, self.config.loss, calls.candidates, calls.grad)
-            for row, valid in zip(neighbours.indices.tolist(), neighbours.valid.tolist())
-        ]
+        footprints = [self.loss_shape.call(examples, self.max_length, self.config.tokens, self.config.loss,
+                                           calls.candidates, calls.grad)
+                      for examples in self.neighbour_examples(neighbours)]
         budget = budget_bytes(self.memory_setting, self.device)
         parts = split_by_bytes(footprints, budget)
         part_bytes = [sum((footprints[i] for i in part), Footprint()).bytes for part in parts]
@@ -302,10 +309,7 @@ class Remixer:
 
     def neighbourhood_loss(self, neighbours: Neighbours, weights: torch.Tensor) -> ChoiceLoss:
         """The NGD / alpha-search objective over each context's valid neighbours."""
-        examples = [
-            [self.reference_example(int(r)) for r, ok in zip(row, valid) if ok]
-            for row, valid in zip(neighbours.indices.tolist(), neighbours.valid.tolist())
-        ]
+        examples = self.neighbour_examples(neighbours)
         compact = torch.zeros_like(weights)
         for b, valid in enumerate(neighbours.valid):
             kept = weights[b][valid]
@@ -313,6 +317,11 @@ class Remixer:
         return choice_loss(self.model, self.routing, self.layer_ids, self.config.tokens, examples, compact,
                            self.max_length, cache=self.loss_cache, objective=self.config.loss,
                            softmax_dtype=self.softmax_dtype)
+
+    def neighbour_examples(self, neighbours: Neighbours) -> list[list[Example]]:
+        """Each context's valid neighbours as examples, in retrieval order."""
+        return [[self.reference_example(int(r)) for r, ok in zip(row, valid) if ok]
+                for row, valid in zip(neighbours.indices.tolist(), neighbours.valid.tolist())]
 
     def reference_example(self, row: int) -> Example:
         return Example(

@@ -7,7 +7,7 @@ prepared-prefix LRU is byte-bounded; this is what bounds the rest, so that a
 remix batch can be split before it runs out of memory
 (:func:`~lm_eval_c3po.remix.memory.split_by_bytes`).
 
-The estimate is an upper bound built from the model's own shapes, per trie of
+The estimate is meant as an upper bound, built from the model's own shapes, per trie of
 ``w`` nodes after a prefix of ``p`` tokens, ``s`` scored answer tokens,
 ``per`` candidate copies and ``layers`` decoder layers after the first
 critical one (:class:`~lm_eval_c3po.score.first_layer.FirstCriticalLayer`).
@@ -28,7 +28,9 @@ log-probabilities in HFLM's ``softmax_dtype``) and the first critical layer's ro
 overridden nodes, one copy per candidate.
 
 Checked against the bytes autograd actually keeps (``tests/test_footprint.py``)
-and against measured peak memory (``benchmarks/overhead.py``).
+and against measured peaks (``benchmarks/footprint_check.py``, ``benchmarks/overhead.py``); at
+OLMoE-1B-7B's size in bfloat16 it fell short for NGD (README, Speed), so it is not
+yet a proven bound there.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from lm_eval_c3po.score.examples import Example, layout_rows
 from lm_eval_c3po.score.first_layer import FirstCriticalLayer
 from lm_eval_c3po.score.loss import gold_only
 from lm_eval_c3po.score.packing import CHUNK_ROWS
+from lm_eval_c3po.score.trie_scorer import fast_path_applies
 from lm_eval_c3po.score.tries import build_tries
 
 # Activations per linear input/output element of a node. Under autograd every intermediate is kept: the
@@ -104,11 +107,13 @@ class LossShape:
     cached: bool = True  # the prefix-cached scorer's tries, or the reference scorer's whole rows
 
     @classmethod
-    def of(cls, model, routing: RoutingController, layer_ids: Sequence[int], cached: bool = True,
+    def of(cls, model, routing: RoutingController, layer_ids: Sequence[int], max_length: int,
            softmax_dtype: torch.dtype | None = None) -> LossShape:
-        """The shape of ``model``'s loss calls on the prefix-cached scorer (``cached``) or the reference one,
-        which runs every layer over whole rows; the log-softmax in ``softmax_dtype`` (None: the model's)."""
+        """The shape of ``model``'s loss calls on the scorer :func:`~lm_eval_c3po.score.loss.choice_loss` picks
+        (prefix-cached tries, or the reference scorer's whole rows through every layer); the log-softmax in
+        ``softmax_dtype`` (None: the model's)."""
         decoders = list(model.model.layers)
+        cached = fast_path_applies(model, routing, layer_ids, max_length)
         d0 = FirstCriticalLayer.find(model, routing, layer_ids) if cached else None
         later = decoders[d0.decoder + 1:] if d0 is not None else decoders
         config = model.config
