@@ -40,7 +40,9 @@ over the model just loaded (activations, the optimisation batch, the store);
 the JSON also has peak RSS and, on a GPU, peak CUDA memory. "est MiB" is the
 largest optimisation part's estimated bytes
 (:mod:`lm_eval_c3po.score.footprint`) and "parts" the parts the remix batches
-ran in under ``--remix-memory`` (c3po's ``remix_memory``: parts/batches).
+ran in under ``--remix-memory`` (c3po's ``remix_memory``: parts/batches);
+"LRU MiB" is what the prepared-prefix LRU held at the end of the run (byte-bounded
+on its own, outside ``remix_memory``; it only grows until its cap).
 
 Counted work (:class:`~lm_eval_c3po.score.cost.CostMeter`): decoder
 token-layer evaluations, i.e. for every call of a decoder layer, the rows x
@@ -327,6 +329,7 @@ def run_one(config: str, model_dir: Path, store: Path, task_dir: Path, args) -> 
         figures["neighbours_prepared"] = remixer.loss_cache.prepared
         figures["remix_batches"], figures["remix_parts"] = remixer.split.batches, remixer.split.parts
         figures["estimated_part_mib"] = round(remixer.split.largest_part_bytes / 2**20, 1)
+        figures["prefix_cache_mib"] = round(remixer.loss_cache.nbytes / 2**20, 1)
     if args.device.startswith("cuda"):
         figures["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return figures
@@ -452,14 +455,14 @@ def _parts(figures: dict) -> str:
 def _print(summary: dict) -> None:
     print(json.dumps(summary["setup"]))
     head = (f"{'config':<24}{'model s':>9}{'x hf':>7}{'wall s':>9}{'x hf':>7}{'acc':>7}{'embed s':>9}"
-            f"{'remix s':>9}{'score s':>9}{'anon MiB':>10}{'+ run':>8}{'est MiB':>9}{'parts':>7}")
+            f"{'remix s':>9}{'score s':>9}{'anon MiB':>10}{'+ run':>8}{'est MiB':>9}{'parts':>7}{'LRU MiB':>9}")
     print(head)
     for name, f in summary["runs"].items():
         print(f"{name:<24}{f['loglikelihood_s']:>9.2f}{f['model_ratio_to_hf']:>7.2f}{f['seconds']:>9.2f}"
               f"{f['ratio_to_hf']:>7.2f}{f['acc']:>7.3f}"
               f"{f.get('embed_s', 0):>9.2f}{f.get('remix_s', 0):>9.2f}{f.get('scoring_s', f['seconds']):>9.2f}"
               f"{f['peak_anon_mib']:>10.0f}{f['peak_anon_mib'] - f['loaded_anon_mib']:>8.0f}"
-              f"{f.get('estimated_part_mib', 0):>9.0f}{_parts(f):>7}")
+              f"{f.get('estimated_part_mib', 0):>9.0f}{_parts(f):>7}{f.get('prefix_cache_mib', 0):>9.0f}")
     print("token-layer evaluations per question (backward x2 in fwd-equiv); us/tl: model s per fwd-equiv "
           "token-layer; x floor: model s / (fwd-equiv x hf's s per token-layer)")
     print(f"{'config':<24}{'own':>9}{'nbrs':>9}{'opt fwd':>9}{'opt bwd':>9}{'fwd-equiv':>11}{'us/tl':>8}"

@@ -22,6 +22,11 @@ from lm_eval_c3po.testing import make_tiny_model, random_neighbourhoods
 MAX_LENGTH = 256
 
 
+@pytest.fixture(scope="module")
+def footprint_check(load_benchmark):
+    return load_benchmark("footprint_check")
+
+
 def _saved_bytes(model, fn) -> int:
     """Bytes of the tensors autograd keeps for the backward pass of ``fn()`` (the weights excluded: they are
     resident anyway), each storage once."""
@@ -60,6 +65,25 @@ def test_the_estimate_bounds_what_an_ngd_loss_call_keeps(family, objective):
     total = sum((shape.call(items, MAX_LENGTH, "last", objective, 1, grad=True) for items in examples), Footprint())
     estimate = dataclasses.replace(total, working=0).bytes  # what the call keeps, without the backward's working set
     assert measured <= estimate <= 3 * measured, (measured, estimate)
+
+
+@pytest.mark.filterwarnings("ignore:.*export_memory_timeline:FutureWarning")
+def test_the_estimate_bounds_the_measured_peak_of_both_loss_calls(footprint_check):
+    """The profiler's peak of live tensors over NGD's step and kernel regression's alpha grid, as the Remixer
+    runs them (weights frozen: no weight gradients), stays under the estimate ``remix_memory`` splits by."""
+    model = make_tiny_model("olmoe", hidden_size=64, intermediate_size=128).requires_grad_(False)
+    routing = RoutingController(model)
+    layer_ids = [routing.num_layers - 2, routing.num_layers - 1]
+    examples = random_neighbourhoods(4, seed=2)
+    omega0 = own_pathways(model, routing, layer_ids, [items[0].context for items in examples], MAX_LENGTH, "last")
+    loss = choice_loss(model, routing, layer_ids, "last", examples, torch.ones(4, 3), MAX_LENGTH)
+    loss.scorer.trie_batch()
+    shape = LossShape.of(model, routing, layer_ids, MAX_LENGTH)
+    for name, call, per, grad in footprint_check.loss_calls(loss, omega0):
+        measured = footprint_check.peak_bytes(call, "cpu")
+        estimate = sum((shape.call(items, MAX_LENGTH, "last", "choices", per, grad) for items in examples),
+                       Footprint()).bytes
+        assert 0 < measured <= estimate, (name, measured, estimate)
 
 
 def test_the_estimate_reads_the_tries_the_scorer_prepares():

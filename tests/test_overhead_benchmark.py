@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 from lm_eval_c3po.score.cost import BACKWARD_WEIGHT, forward_equivalents
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def overhead():
-    sys.path.insert(0, str(BENCHMARKS))  # for its sibling _memory
-    try:
-        spec = importlib.util.spec_from_file_location("overhead", BENCHMARKS / "overhead.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def overhead(load_benchmark):
+    return load_benchmark("overhead")
 
 
 def test_forward_equivalents_weight_the_backward():

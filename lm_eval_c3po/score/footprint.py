@@ -27,10 +27,11 @@ token is routed to), attention scores and probabilities ``heads x per*w x
 log-probabilities in HFLM's ``softmax_dtype``) and the first critical layer's routed experts at the
 overridden nodes, one copy per candidate.
 
-Checked against the bytes autograd actually keeps (``tests/test_footprint.py``)
-and against measured peaks (``benchmarks/footprint_check.py``, ``benchmarks/overhead.py``); at
-OLMoE-1B-7B's size in bfloat16 it fell short for NGD (README, Speed), so it is not
-yet a proven bound there.
+Checked against the bytes autograd actually keeps and the profiler's peak of a
+tiny model's loss calls (``tests/test_footprint.py``), and against the peaks of
+OLMoE-1B-7B-sized calls in bfloat16 (``benchmarks/footprint_check.py``: 1.9-2.0x
+NGD's, 2.4-3.7x kernel regression's; README, Speed). It overestimates on purpose:
+too high costs a few more parts, too low an out-of-memory error.
 """
 
 from __future__ import annotations
