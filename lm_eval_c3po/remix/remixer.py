@@ -138,7 +138,9 @@ class Remixer:
         self._references: torch.Tensor | None = None
         self.cost = CostMeter(model)  # token-layer evaluations per phase (diagnostics "cost")
         self.memory_setting = parse_bytes(config.remix_memory)  # None: a share of the device's free memory
-        self.loss_shape = LossShape.of(model, routing, self.layer_ids, max_length, softmax_dtype)  # remix_memory
+        self.loss_calls = self.method.loss_calls(config)  # None: the method never calls the loss, nothing to split
+        self.loss_shape = (LossShape.of(model, routing, self.layer_ids, max_length, softmax_dtype)
+                           if self.loss_calls is not None else None)
         self.split = SplitCounts()
         self._reported_split = self._warned_over_budget = False
 
@@ -263,7 +265,7 @@ class Remixer:
     def _parts(self, neighbours: Neighbours) -> list[list[int]]:
         """The batch's contexts in consecutive parts whose estimated optimisation bytes fit the budget."""
         contexts = len(neighbours.valid)
-        calls = self.method.loss_calls(self.config)
+        calls = self.loss_calls
         if calls is None:
             return [list(range(contexts))]
         footprints = [self.loss_shape.call(examples, self.max_length, self.config.tokens, self.config.loss,
